@@ -1,0 +1,3 @@
+from selfflow.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,338 @@
+"""``FlowTransformer``: a DiT over a token sequence with per-token noise levels.
+
+- Each modality has its own input projection ``Linear(C_m, D)`` and output projection
+  ``Linear(D, C_m)``; segments of different widths share one sequence and one trunk.
+- Positions are (t, h, w) integers; multi-axis RoPE rotates queries and keys, one slice of
+  each head's dimension per axis.
+- Blocks use adaLN-Zero conditioned on ``c_i = temb(tau_i) + label_emb``. With factored
+  timesteps (``Timesteps.levels (B, K)``, ``index (B, N)``) the embedding and the modulation
+  matmul run once per *level* and are gathered per token: the same numbers as the authors'
+  per-token model (``modulation="dense"`` here), without a ``(B N, D) x (D, 6D)`` matmul per
+  block.
+- Blocks are numbered from 1: ``return_hidden=(l,)`` returns the hidden state after block l,
+  ``stop_after=k`` runs blocks 1..k only (the teacher's truncated forward).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from selfflow.core.attention import attend, padding_mask
+from selfflow.core.types import Timesteps, TokenBatch
+
+# name -> (width, depth, heads); parameter counts are in the README and tested
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "tiny": (64, 2, 2),
+    "XS": (192, 6, 3),
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+}
+
+
+def _positive(instance: object, attribute: attrs.Attribute, value: int) -> None:
+    if value <= 0:
+        raise ValueError(f"model.{attribute.name} must be positive, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class ModelConfig:
+    """Shape of a ``FlowTransformer``.
+
+    ``channels`` maps each modality name to its token width; ``num_classes = 0`` makes the
+    model unconditional (otherwise id ``num_classes`` is the null label for CFG).
+    """
+
+    channels: Mapping[str, int] = attrs.field(converter=lambda m: dict(sorted(dict(m).items())))
+    width: int = attrs.field(default=384, validator=_positive)
+    depth: int = attrs.field(default=12, validator=_positive)
+    heads: int = attrs.field(default=6, validator=_positive)
+    mlp_ratio: float = 4.0
+    num_classes: int = 0
+    rope_theta: float = 10000.0
+    modulation: str = attrs.field(default="factored", validator=attrs.validators.in_(("factored", "dense")))
+    attention_backend: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "sdpa", "xformers")))
+
+    def __attrs_post_init__(self) -> None:
+        if not self.channels:
+            raise ValueError("model.channels is empty: give each modality's token width, e.g. {'image': 16}")
+        if self.width % self.heads:
+            raise ValueError(f"model.width={self.width} is not divisible by model.heads={self.heads}")
+        head_dim = self.width // self.heads
+        if head_dim % 2 or head_dim < 6:
+            raise ValueError(f"head dimension {head_dim} must be even and >= 6 for 3-axis RoPE")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> ModelConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+        width, depth, heads = PRESETS[name]
+        return cls(**{"width": width, "depth": depth, "heads": heads, **overrides})
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+
+@attrs.frozen(kw_only=True)
+class ModelOutput:
+    """``velocity``: one ``(B, N_m, C_m)`` tensor per segment (``None`` for condition segments,
+    and for all when the forward stopped early); ``hidden``: block number -> ``(B, N_total, D)``."""
+
+    velocity: tuple[Tensor | None, ...]
+    hidden: dict[int, Tensor]
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features of ``1000 t`` (DiT's scale), ``t (...)`` -> ``(..., dim)``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (1000.0 * t.float())[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, width: int, freq_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+class MultiAxisRope(nn.Module):
+    """Rotary embedding over (t, h, w): each head's ``Dh / 2`` frequency pairs are split
+    between the axes (t gets the remainder), each axis with its own geometric frequencies."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        pairs = head_dim // 2
+        hw = pairs // 3
+        split = (pairs - 2 * hw, hw, hw)
+        inv = [theta ** (-torch.arange(n, dtype=torch.float64) / max(n, 1)) for n in split]
+        axis = torch.cat([torch.full((n,), a, dtype=torch.long) for a, n in enumerate(split)])
+        self.register_buffer("inv_freq", torch.cat(inv).float(), persistent=False)
+        self.register_buffer("axis", axis, persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """``positions (B, N, 3)`` -> ``cos, sin`` of shape ``(B, 1, N, Dh)``."""
+        angles = positions[..., self.axis].float() * self.inv_freq  # (B, N, Dh/2)
+        angles = torch.cat([angles, angles], dim=-1)[:, None]
+        return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class Modulation:
+    """Per-token adaLN parameters, factored: ``table (B, K, m D)`` rows gathered by level.
+
+    ``flat_index`` addresses rows of ``table.view(B K, m D)``; with one level per sample the
+    rows broadcast instead of being gathered.
+    """
+
+    def __init__(self, index: Tensor | None, num_levels: int) -> None:
+        self.index = index
+        self.num_levels = num_levels
+        if index is not None and num_levels > 1:
+            b = index.shape[0]
+            offsets = torch.arange(b, device=index.device)[:, None] * num_levels
+            self.flat_index = (index + offsets).reshape(-1)
+        else:
+            self.flat_index = None
+
+    def per_token(self, table: Tensor, n: int) -> Tensor:
+        """``table (B, K, M)`` -> ``(B, N, M)`` (or ``(B, 1, M)`` when K = 1)."""
+        if self.flat_index is None:  # one level per sample, or a dense per-token table
+            return table
+        b, k, m = table.shape
+        return F.embedding(self.flat_index, table.reshape(b * k, m)).view(b, n, m)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, hidden = cfg.width, int(cfg.width * cfg.mlp_ratio)
+        self.heads = cfg.heads
+        self.backend = cfg.attention_backend
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, d)
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+
+    def forward(self, x: Tensor, cond: Tensor, mod: Modulation, rope: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
+        b, n, d = x.shape
+        params = mod.per_token(self.adaLN(cond), n)
+        shift1, scale1, gate1, shift2, scale2, gate2 = params.chunk(6, dim=-1)
+
+        h = torch.addcmul(shift1, self.norm1(x), 1 + scale1)
+        q, k, v = self.qkv(h).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        cos, sin = rope
+        attn = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask, backend=self.backend)
+        x = torch.addcmul(x, gate1, self.proj(attn.transpose(1, 2).reshape(b, n, d)))
+
+        h = torch.addcmul(shift2, self.norm2(x), 1 + scale2)
+        h = self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
+        return torch.addcmul(x, gate2, h)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.width
+        self.norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.out = nn.ModuleDict({name: nn.Linear(d, c) for name, c in cfg.channels.items()})
+
+    def forward(self, x: Tensor, cond: Tensor, mod: Modulation) -> Tensor:
+        shift, scale = mod.per_token(self.adaLN(cond), x.shape[1]).chunk(2, dim=-1)
+        return torch.addcmul(shift, self.norm(x), 1 + scale)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class FlowTransformer(nn.Module):
+    """Predicts the velocity ``eps - x0`` of every generated token."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.width
+        self.inp = nn.ModuleDict({name: nn.Linear(c, d) for name, c in cfg.channels.items()})
+        self.t_embed = TimestepEmbedder(d)
+        self.label_embed = nn.Embedding(cfg.num_classes + 1, d) if cfg.num_classes > 0 else None
+        self.rope = MultiAxisRope(cfg.head_dim, cfg.rope_theta)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.final = FinalLayer(cfg)
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> FlowTransformer:
+        return cls(cfg)
+
+    @property
+    def depth(self) -> int:
+        return self.cfg.depth
+
+    @property
+    def width(self) -> int:
+        return self.cfg.width
+
+    @property
+    def null_label(self) -> int:
+        return self.cfg.num_classes
+
+    def reset_parameters(self) -> None:
+        """DiT's init: xavier linears, N(0, 0.02) embeddings, zeroed adaLN and output layers."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for lin in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+        if self.label_embed is not None:
+            nn.init.normal_(self.label_embed.weight, std=0.02)
+        for blk in self.blocks:
+            nn.init.zeros_(blk.adaLN[-1].weight)
+            nn.init.zeros_(blk.adaLN[-1].bias)
+        nn.init.zeros_(self.final.adaLN[-1].weight)
+        nn.init.zeros_(self.final.adaLN[-1].bias)
+        for lin in self.final.out.values():
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    # -- pieces, public so that tests and objectives can reuse them
+
+    def conditioning(self, timesteps: Timesteps, labels: Tensor | None) -> tuple[Tensor, Modulation]:
+        """``c = temb(tau) + label_emb``: ``(B, K, D)`` per level (factored) or ``(B, N, D)``
+        per token (dense), and the matching gather."""
+        if self.cfg.modulation == "dense":
+            cond = self.t_embed(timesteps.per_token())
+            mod = Modulation(None, 1)
+        else:
+            cond = self.t_embed(timesteps.levels)
+            mod = Modulation(timesteps.index, timesteps.num_levels)
+        if self.label_embed is not None:
+            if labels is None:
+                labels = torch.full((cond.shape[0],), self.null_label, dtype=torch.long, device=cond.device)
+            cond = cond + self.label_embed(labels)[:, None, :]
+        return cond, mod
+
+    def embed(self, batch: TokenBatch) -> Tensor:
+        xs = []
+        for seg in batch.segments:
+            if seg.modality not in self.inp:
+                raise KeyError(
+                    f"the model has no projection for modality {seg.modality!r}; "
+                    f"it was built for {sorted(self.inp)}"
+                )
+            xs.append(self.inp[seg.modality](seg.tokens))
+        return xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
+
+    def forward(
+        self,
+        batch: TokenBatch,
+        timesteps: Timesteps,
+        *,
+        return_hidden: Sequence[int] = (),
+        stop_after: int | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> ModelOutput:
+        """``batch`` holds the *noised* tokens; ``timesteps`` their levels.
+
+        ``attn_mask (B, 1, N, N)`` bool replaces the padding mask (see
+        ``attention.separation_mask``, which already folds padding in).
+        """
+        last = self.depth if stop_after is None else stop_after
+        if not 1 <= last <= self.depth:
+            raise ValueError(f"stop_after={stop_after} is outside blocks 1..{self.depth}")
+        for l in return_hidden:
+            if not 1 <= l <= last:
+                raise ValueError(f"return_hidden={l} is outside the blocks run (1..{last}); blocks are 1-indexed")
+        if timesteps.index.shape != (batch.batch_size, batch.num_tokens):
+            raise ValueError(
+                f"timesteps.index has shape {tuple(timesteps.index.shape)}, the batch has "
+                f"({batch.batch_size}, {batch.num_tokens}) tokens"
+            )
+
+        x = self.embed(batch)
+        cond, mod = self.conditioning(timesteps, batch.labels)
+        positions = torch.cat([seg.positions for seg in batch.segments], dim=1) if len(batch.segments) > 1 else batch.segments[0].positions
+        rope = self.rope(positions)
+        mask = attn_mask if attn_mask is not None else padding_mask(batch.valid_mask())
+
+        hidden: dict[int, Tensor] = {}
+        for i, blk in enumerate(self.blocks[:last], start=1):
+            x = blk(x, cond, mod, rope, mask)
+            if i in return_hidden:
+                hidden[i] = x
+        if stop_after is not None:
+            return ModelOutput(velocity=tuple(None for _ in batch.segments), hidden=hidden)
+
+        h = self.final(x, cond, mod)
+        velocity: list[Tensor | None] = []
+        for seg, part in zip(batch.segments, h.split([s.num_tokens for s in batch.segments], dim=1)):
+            velocity.append(self.final.out[seg.modality](part) if seg.generated else None)
+        return ModelOutput(velocity=tuple(velocity), hidden=hidden)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
