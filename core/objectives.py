@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from selfflow.core import path
 from selfflow.core.attention import separation_mask
+from selfflow.core.distributed import batch_rand, unwrap
 from selfflow.core.distill import Projector, representation_loss
 from selfflow.core.model import FlowTransformer, ModelOutput
 from selfflow.core.timesteps import DualTimestepScheduler, LogitNormalTime, TimeSampler
@@ -35,7 +36,7 @@ def drop_labels(labels: Tensor | None, p: float, null_label: int, generator: tor
     """Replace each label by the null id with probability ``p`` (classifier-free guidance)."""
     if labels is None or p <= 0:
         return labels
-    u = torch.rand(labels.shape, generator=generator, device=generator.device).to(labels.device)
+    u = batch_rand(tuple(labels.shape), generator, labels.device)
     return torch.where(u < p, torch.full_like(labels, null_label), labels)
 
 
@@ -44,8 +45,7 @@ def draw_noise(batch: TokenBatch, generator: torch.Generator) -> tuple[Tensor | 
     out = []
     for seg in batch.segments:
         if seg.generated:
-            eps = torch.randn(seg.tokens.shape, generator=generator, device=generator.device, dtype=seg.tokens.dtype)
-            out.append(eps.to(seg.tokens.device))
+            out.append(batch_rand(tuple(seg.tokens.shape), generator, seg.tokens.device, normal=True, dtype=seg.tokens.dtype))
         else:
             out.append(None)
     return tuple(out)
@@ -106,7 +106,7 @@ class FlowMatching(nn.Module):
     ) -> LossBreakdown:
         t = self.time.sample(batch.batch_size, generator=generator, device=batch.device)
         timesteps = Timesteps.uniform(t, batch)
-        batch = batch.with_labels(drop_labels(batch.labels, self.label_dropout, model.null_label, generator))
+        batch = batch.with_labels(drop_labels(batch.labels, self.label_dropout, unwrap(model).null_label, generator))
         noise = draw_noise(batch, generator)
         out = model(noised(batch, noise, timesteps), timesteps)
         flow, per = flow_loss(batch, noise, out, self.loss_weights)
@@ -168,7 +168,7 @@ class SelfFlow(nn.Module):
         # 1-2. two unsorted levels per sample, a Bernoulli mask per token (condition tokens at 0)
         steps = self.scheduler(batch, generator=generator)
         # 12. CFG label dropout; the teacher sees the same (possibly dropped) label
-        batch = batch.with_labels(drop_labels(batch.labels, cfg.label_dropout, model.null_label, generator))
+        batch = batch.with_labels(drop_labels(batch.labels, cfg.label_dropout, unwrap(model).null_label, generator))
         # 3. student input: every token at its own level, one noise draw shared with the teacher
         noise = draw_noise(batch, generator)
         student_in = noised(batch, noise, steps.student)
@@ -239,13 +239,13 @@ class ExternalAlignment(nn.Module):
         timesteps = Timesteps.uniform(t, batch)
         with torch.no_grad():
             target = self.encoder(batch)
-        batch = batch.with_labels(drop_labels(batch.labels, self.label_dropout, model.null_label, generator))
+        batch = batch.with_labels(drop_labels(batch.labels, self.label_dropout, unwrap(model).null_label, generator))
         noise = draw_noise(batch, generator)
         out = model(noised(batch, noise, timesteps), timesteps, return_hidden=(self.student_layer,))
         flow, per = flow_loss(batch, noise, out, self.loss_weights)
 
         gen = batch.generate_mask()
-        hidden = out.hidden[self.student_layer][gen].view(batch.batch_size, -1, model.width)
+        hidden = out.hidden[self.student_layer][gen].view(batch.batch_size, -1, unwrap(model).width)
         if target.ndim == 2:
             target = target[:, None, :].expand(-1, hidden.shape[1], -1)
         if target.shape[:2] != hidden.shape[:2]:

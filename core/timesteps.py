@@ -14,6 +14,7 @@ import attrs
 import torch
 from torch import Tensor
 
+from selfflow.core.distributed import batch_rand
 from selfflow.core.types import Timesteps, TokenBatch
 
 
@@ -24,8 +25,8 @@ class TimeSampler(Protocol):
 
 
 def _rand(n: int, generator: torch.Generator, device: torch.device | str) -> Tensor:
-    # drawn on the generator's device, then moved: CPU generators give the same numbers on any device
-    return torch.rand(n, generator=generator, device=generator.device).to(device)
+    # drawn on the generator's device for the global batch, this rank's rows kept (distributed.py)
+    return batch_rand((n,), generator, device)
 
 
 @attrs.frozen(kw_only=True)
@@ -44,7 +45,7 @@ class LogitNormalTime:
     std: float = attrs.field(default=1.0, validator=attrs.validators.gt(0))
 
     def sample(self, n: int, *, generator: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
-        z = torch.randn(n, generator=generator, device=generator.device).to(device)
+        z = batch_rand((n,), generator, device, normal=True)
         return torch.sigmoid(self.mean + self.std * z)
 
 
@@ -102,12 +103,14 @@ class GapTeacher:
 
     def __call__(self, levels: Tensor, *, generator: torch.Generator) -> Tensor:
         b = levels.shape[0]
-        u = torch.rand(b, 2, generator=generator, device=generator.device).to(levels.device)
+        u = batch_rand((b, 2), generator, levels.device)
         cleaner = (levels[:, 1:] - self.gap * u).clamp_min(0.0)
         return torch.cat([levels[:, :1], cleaner], dim=1)
 
 
 # ----------------------------------------------------------------------------- scheduler
+
+_GAP_ROUNDS = 32
 
 
 @attrs.frozen(kw_only=True)
@@ -181,18 +184,17 @@ class DualTimestepScheduler:
         else:
             s = self.time.sample(b, generator=generator, device=device)
         if self.min_gap:
-            for _ in range(256):
-                bad = (t - s).abs() < self.min_gap
-                if not bool(bad.any()):
-                    break
+            # a fixed number of redraw rounds (not "until done"): every rank of a distributed
+            # run must advance the shared generator by the same amount
+            for _ in range(_GAP_ROUNDS):
                 if self.max_gap is not None:
                     redraw = (t + (2 * _rand(b, generator, device) - 1) * self.max_gap).clamp(0.0, 1.0)
                 else:
                     redraw = self.time.sample(b, generator=generator, device=device)
-                s = torch.where(bad, redraw, s)
-            else:
+                s = torch.where((t - s).abs() < self.min_gap, redraw, s)
+            if bool(((t - s).abs() < self.min_gap).any()):
                 raise RuntimeError(
-                    f"could not draw s with |t - s| >= min_gap={self.min_gap} in 256 tries; lower min_gap"
+                    f"could not draw s with |t - s| >= min_gap={self.min_gap} in {_GAP_ROUNDS} rounds; lower min_gap"
                 )
         return s
 
@@ -209,7 +211,7 @@ class DualTimestepScheduler:
         parts = []
         for seg in batch.segments:
             ratio = self.ratio_for(seg.modality)
-            u = torch.rand(b, seg.num_tokens, generator=generator, device=generator.device).to(device)
+            u = batch_rand((b, seg.num_tokens), generator, device)
             gen = seg.valid_mask() & seg.generated
             parts.append(gen.long() + (gen & (u < ratio)).long())
         index = torch.cat(parts, dim=1)

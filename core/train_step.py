@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from selfflow.core.distill import EMATeacher
+from selfflow.core.distributed import all_reduce_grads
 from selfflow.core.objectives import Objective
 from selfflow.core.types import LossBreakdown, TokenBatch
 
@@ -72,6 +73,8 @@ def backward(state: TrainState, batch: TokenBatch, *, generator: torch.Generator
 
 def apply_update(state: TrainState) -> tuple[float, float, float]:
     """Clip, optimiser step, schedule, EMA teacher update. Returns (grad_norm, lr, ema_decay)."""
+    # DDP averaged the model's gradients; heads outside it (the projector) are averaged here
+    all_reduce_grads([p for p in state.objective.parameters() if p.requires_grad])
     params = state.trainable_parameters()
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, state.grad_clip))
     if not math.isfinite(grad_norm):
