@@ -190,3 +190,22 @@ class EulerMaruyamaSampler:
                 xs.append(seg.tokens - h * drift + (2 * self.diffusion * t * h) ** 0.5 * z.to(seg.tokens.device))
             x = x.with_tokens(xs)
         return x
+
+
+# ----------------------------------------------------------------------------- plugin hooks
+
+from selfflow.plugins.hookspecs import hookimpl  # noqa: E402
+
+
+def _self(config):
+    return config
+
+
+@hookimpl
+def selfflow_register_samplers(register) -> None:
+    register.add("ode/euler", _self, EulerSampler, "Euler ODE from noise to data (options: steps, shift)")
+    register.add("ode/heun", _self, HeunSampler, "Heun (2nd order) ODE, 2 steps - 1 evaluations (options: steps, shift)")
+    register.add(
+        "sde/euler-maruyama", _self, EulerMaruyamaSampler,
+        "Euler-Maruyama on the marginal-preserving reverse SDE (options: steps, diffusion, shift)",
+    )

@@ -1,0 +1,234 @@
+"""The ``selfflow`` command (also ``python -m selfflow``).
+
+    selfflow train [RUN | --config FILE] [--set key=value ...] [--resume DIR]
+    selfflow sample CHECKPOINT [--steps N --cfg S --sampler NAME --n N --labels 0,1,2]
+    selfflow runs list
+    selfflow plugins list
+    selfflow registry show NAME
+    selfflow bench step [...]
+
+Errors print one line and a hint; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+class UsageError(Exception):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="selfflow", description="Self-Flow generators on images, video and audio.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a run (default: image/mnist-selfflow)")
+    t.add_argument("run", nargs="?", help="a registered run name or a TOML file")
+    t.add_argument("--config", help="a run config TOML file")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set objective.gamma=0.5 (repeatable)")
+    t.add_argument("--resume", help="continue from a run directory or checkpoint")
+    t.add_argument("--out", help="run directory (default: from run.output_dir)")
+    t.add_argument("--device", help="torch device (default: run.device)")
+
+    s = sub.add_parser("sample", help="draw samples from a checkpoint's EMA model")
+    s.add_argument("checkpoint", help="a run directory or a checkpoint directory")
+    s.add_argument("--steps", type=int, help="sampler steps")
+    s.add_argument("--cfg", type=float, help="classifier-free guidance scale")
+    s.add_argument("--sampler", help="a registered sampler, e.g. ode/heun")
+    s.add_argument("--n", type=int, default=8, help="samples per label (or in all, unconditional)")
+    s.add_argument("--labels", help="comma-separated class ids (default: every class)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", help="output PNG (default: RUN/samples-cli.png)")
+
+    r = sub.add_parser("runs", help="registered runs")
+    r.add_argument("action", choices=["list"])
+
+    pl = sub.add_parser("plugins", help="loaded plugins")
+    pl.add_argument("action", choices=["list"])
+
+    rg = sub.add_parser("registry", help="registry entries")
+    rg.add_argument("action", choices=["show", "list"])
+    rg.add_argument("name", nargs="?")
+
+    b = sub.add_parser("bench", help="benchmarks (see benchmarks/)")
+    b.add_argument("suite", choices=["step"], help="which benchmark")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help)")
+    return p
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from selfflow.registry.compose import build_run, resolve_config, write_summary
+    from selfflow.core.checkpoint import read_state
+    from selfflow.registry.config import load_config
+
+    if args.resume and not (args.run or args.config):
+        state = read_state(args.resume)  # the run's own config, with any new overrides
+        cfg = load_config(state["extra"]["config_toml"], args.overrides, source=f"checkpoint {args.resume}")
+    else:
+        cfg = resolve_config(args.run, config_file=args.config, overrides=args.overrides)
+    run = build_run(cfg, device=args.device, resume=args.resume, out_dir=args.out)
+    print(f"run directory: {run.out_dir}", file=sys.stderr)
+    run.train()
+    import resource
+
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    summary = write_summary(run, {"peak_rss_mb": round(peak_mb, 1)})
+    print(f"done: {run.state.step} steps in {run.wall_time:.1f} s, peak memory {peak_mb:.0f} MB -> {summary.parent}")
+    for name in ("samples.png", "loss.png", "metrics.jsonl", "config.toml"):
+        if (run.out_dir / name).exists():
+            print(f"  {run.out_dir / name}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from selfflow.core.checkpoint import read_state, resolve
+    from selfflow.plugins.image.media import save_grid
+    from selfflow.registry.compose import build_run
+    from selfflow.registry.config import load_config
+
+    ckpt = resolve(args.checkpoint)
+    state = read_state(ckpt)
+    overrides = ["output.progress=false"]
+    if args.sampler:
+        overrides.append(f"sampler.name={args.sampler!r}".replace("'", '"'))
+    if args.steps:
+        overrides.append(f"sampler.options.steps={args.steps}")
+    cfg = load_config(state["extra"]["config_toml"], overrides, source=f"checkpoint {ckpt}")
+    run = build_run(cfg, resume=ckpt)
+    k = run.teacher.cfg.num_classes
+    if k > 0:
+        ids = list(range(k)) if not args.labels else [int(x) for x in args.labels.split(",")]
+        bad = [i for i in ids if not 0 <= i < k]
+        if bad:
+            raise UsageError(f"labels {bad} are outside 0..{k - 1}")
+        labels = torch.tensor(ids).repeat_interleave(args.n)
+        images = run.sample(labels, seed=args.seed, cfg_scale=args.cfg)
+        rows, names = len(ids), [str(run.modalities[next(iter(run.modalities))].train.class_names[i]) for i in ids]
+    else:
+        images = run.sample(None, n=args.n, seed=args.seed, cfg_scale=args.cfg)
+        rows, names = None, None
+    out = Path(args.out) if args.out else run.out_dir / "samples-cli.png"
+    save_grid(images, out, rows=rows, row_labels=names,
+              title=f"{cfg.run.name} step {run.state.step} ({cfg.sampler.name}, cfg {args.cfg or cfg.sampler.cfg_scale})")
+    print(out)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from selfflow.registry.compose import default_registries
+
+    for e in default_registries().runs:
+        print(f"{e.name:32s} {e.doc}  [{e.plugin}]")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from selfflow.registry.compose import load_registries
+
+    _, host = load_registries()
+    for info in host.plugins.values():
+        kind = "built-in" if info.builtin else "external"
+        print(f"{info.name} {info.version} ({kind}, {info.module})")
+        for k, names in info.registered.items():
+            print(f"    {k}: {', '.join(names)}")
+        if info.error:
+            print(f"    ERROR: {info.error}")
+    return 0
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    import attrs
+
+    from selfflow.registry.compose import default_registries
+    from selfflow.registry.registry import RegistryError
+
+    regs = default_registries()
+    if args.action == "list" or not args.name:
+        for kind, reg in regs.kinds().items():
+            print(f"{kind}: {', '.join(reg.names())}")
+        return 0
+    found = [(kind, reg.get(args.name)) for kind, reg in regs.kinds().items() if args.name in reg]
+    if not found:
+        everything = [n for reg in regs.kinds().values() for n in reg.names()]
+        from selfflow.registry.registry import closest
+
+        near = closest(args.name, everything)
+        hint = f"; did you mean {', '.join(repr(c) for c in near)}?" if near else ""
+        raise RegistryError(f"no registry entry named {args.name!r}{hint}")
+    for kind, e in found:
+        print(f"{e.name} ({kind[:-1]}, from plugin {e.plugin!r})")
+        if e.doc:
+            print(f"  {e.doc}")
+        if e.config_cls is not None:
+            print("  options:")
+            for f in attrs.fields(e.config_cls):
+                default = "required" if f.default is attrs.NOTHING else (
+                    f"default {f.default.factory()!r}" if isinstance(f.default, attrs.Factory) else f"default {f.default!r}")
+                print(f"    {f.name}: {getattr(f.type, '__name__', f.type)} ({default})")
+        if kind == "runs":
+            print()
+            print(e.factory(None))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite == "step":
+        from selfflow.benchmarks.step import main as step_main
+
+        return step_main(args.args)
+    raise UsageError(f"unknown benchmark {args.suite!r}")
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "sample": cmd_sample,
+    "runs": cmd_runs,
+    "plugins": cmd_plugins,
+    "registry": cmd_registry,
+    "bench": cmd_bench,
+}
+
+HINTS = {
+    "ConfigError": "check the key in your TOML or --set (selfflow registry show RUN prints a run's config)",
+    "RegistryError": "selfflow registry list shows every registered name",
+    "CheckpointError": "point at a run directory or a checkpoints/step_* directory written by selfflow",
+    "PluginLoadError": "unset SELFFLOW_STRICT_PLUGINS, or block the plugin with SELFFLOW_BLOCK_PLUGINS=NAME",
+    "NonFiniteLossError": "resume from the last checkpoint with a lower optimizer.lr (--resume RUN --set optimizer.lr=...)",
+    "ImportError": "install the extra named above",
+    "ModuleNotFoundError": "install the extra named above",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one clear line unless --debug
+        if args.debug:
+            raise
+        name = type(err).__name__
+        print(f"error: {err}", file=sys.stderr)
+        hint = HINTS.get(name, "run again with --debug for the traceback")
+        print(f"hint: {hint}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
