@@ -10,6 +10,7 @@ Errors name the key, what was expected and the closest valid key::
 from __future__ import annotations
 
 import difflib
+import re
 import tomllib
 import types
 import typing
@@ -313,7 +314,11 @@ def _validator_message(err: ValueError, prefix: str) -> str:
         if "must be in" in msg:
             return f"config key '{prefix}{attr.name}': expected one of {list(bound)}, got {value!r}"
         return f"config key '{prefix}{attr.name}': {msg}"
-    return f"config: {err}"
+    msg = str(err.args[0]) if err.args else str(err)
+    m = re.match(r"^'(\w+)' (.*)$", msg)  # attrs' number validators: "'steps' must be >= 1: 0"
+    if m:
+        return f"config key '{prefix}{m.group(1)}': {m.group(2)}"
+    return f"config table '{prefix.rstrip('.') or 'top level'}': {msg}"
 
 
 def unstructure(obj: Any) -> Any:
