@@ -163,8 +163,11 @@ class Loop:
 
     # -- the loop
 
-    def run(self) -> list[dict[str, float]]:
+    def run(self, *, until: int | None = None) -> list[dict[str, float]]:
+        """Train to ``config.steps`` (or stop early at step ``until`` with a checkpoint, as an
+        interrupted run would; the LR schedule still follows ``config.steps``)."""
         cfg = self.config
+        stop = cfg.steps if until is None else min(until, cfg.steps)
         self.state.model.train()
         bar = None
         if cfg.progress and shard().is_main:
@@ -173,7 +176,7 @@ class Loop:
             bar = tqdm(total=cfg.steps, initial=self.state.step, desc="train", unit="step", dynamic_ncols=True)
         self._t_window = time.perf_counter()
         try:
-            while self.state.step < cfg.steps:
+            while self.state.step < stop:
                 result = self.step()
                 self._log(result)
                 if bar is not None:
@@ -187,6 +190,7 @@ class Loop:
             if bar is not None:
                 bar.close()
         self.save()
-        for cb in self.callbacks:
-            cb.on_end(self)
+        if self.state.step >= cfg.steps:
+            for cb in self.callbacks:
+                cb.on_end(self)
         return self.history

@@ -178,9 +178,9 @@ class Run:
     def teacher(self) -> FlowTransformer:
         return self.state.teacher.model
 
-    def train(self) -> list[dict[str, float]]:
+    def train(self, *, until: int | None = None) -> list[dict[str, float]]:
         t0 = time.perf_counter()
-        history = self.loop.run()
+        history = self.loop.run(until=until)
         self.wall_time = time.perf_counter() - t0
         return history
 
