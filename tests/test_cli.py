@@ -1,0 +1,59 @@
+"""The ``selfflow`` command: one clear line per error, the listing commands, sampling."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from selfflow import cli
+from selfflow.registry import compose
+
+
+def test_errors_are_one_line_and_a_hint(capsys):
+    assert cli.main(["registry", "show", "image/mnsit"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("error: ") and "did you mean 'image/mnist'" in err[0]
+    assert err[1].startswith("hint: ")
+
+    assert cli.main(["train", "debug", "--set", "objective.gama=1"]) == 2
+    err = capsys.readouterr().err
+    assert "'objective.gama': unknown key; did you mean 'objective.gamma'" in err and "Traceback" not in err
+
+    assert cli.main(["train", "imag/mnist-selfflow"]) == 2
+    assert "did you mean 'image/mnist-selfflow'" in capsys.readouterr().err
+
+    assert cli.main(["sample", "/nonexistent/run"]) == 2
+    assert "no selfflow checkpoint" in capsys.readouterr().err
+
+
+def test_listings(capsys):
+    assert cli.main(["runs", "list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("image/mnist-selfflow", "image/mnist-fm", "debug"):
+        assert name in out
+    assert cli.main(["registry", "show", "image/patch"]) == 0
+    out = capsys.readouterr().out
+    assert "from plugin 'image'" in out and "patch: int (default 4)" in out
+    assert cli.main(["registry", "show", "debug"]) == 0
+    assert '[modalities.image]' in capsys.readouterr().out
+
+
+def test_train_then_sample(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "debug", "--out", str(out), "--set", "run.steps=4", "--set", "output.progress=false"]) == 0
+    for name in ("config.toml", "metrics.jsonl", "loss.png", "samples.png", "summary.md"):
+        assert (out / name).is_file(), name
+    png = tmp_path / "s.png"
+    assert cli.main(["sample", str(out), "--labels", "3,7", "--n", "2", "--steps", "4", "--out", str(png)]) == 0
+    img = np.asarray(Image.open(png))
+    assert img.ndim == 3 and img.shape[0] > 2 * 8  # two labelled rows of samples
+    assert cli.main(["sample", str(out), "--labels", "12"]) == 2
+    assert "outside 0..9" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "selfflow", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "train" in out.stdout and "registry" in out.stdout
