@@ -1,0 +1,206 @@
+"""``image/folder``: a user's folder of PNG/JPEG images, optionally one sub-folder per class.
+
+Layout: either images directly in ``path`` (unlabelled, ``num_classes = 0``) or one
+sub-folder per class (``path/cat/*.png``, ``path/dog/**/*.jpg``; class ids follow the sorted
+sub-folder names). Hidden files and folders (``.name``) are ignored; other files without an
+image extension are listed in one warning and left out.
+
+The split is a seeded permutation of the sorted file list, so it does not depend on which
+files decode. Each split then decodes its own files once, at construction (EXIF rotation
+applied, transparency composited on white, shorter side resized to ``size``, centre crop),
+and keeps them as uint8 in memory: ``C * size**2`` bytes per image (12 KiB at 64x64 RGB).
+A file that cannot be decoded (not an image, truncated, corrupt) is named with its error:
+``on_error = "skip"`` leaves it out with one warning listing every such file,
+``on_error = "raise"`` stops at the first with an error naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+import attrs
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from selfflow.plugins.protocols import Example
+
+_LISTED = 20  # paths written out in one warning; the rest are counted
+
+
+class UnreadableImageWarning(UserWarning):
+    """Some files of an ``image/folder`` data set could not be decoded and were left out."""
+
+
+class UnreadableImageError(ValueError):
+    """A file of an ``image/folder`` data set could not be decoded (``on_error = "raise"``)."""
+
+
+def _extensions(value) -> tuple[str, ...]:
+    value = (value,) if isinstance(value, str) else tuple(value)
+    return tuple(v.lower() if v.startswith(".") else "." + v.lower() for v in value)
+
+
+@attrs.frozen(kw_only=True)
+class FolderConfig:
+    """``path``: the folder; ``size``: side of the square images (shorter side resized to
+    it, then centre-cropped); ``channels``: 3 (RGB) or 1 (grayscale); ``eval_fraction``:
+    share of files held out for evaluation (at least one file each way); ``on_error``:
+    ``"skip"`` (warn, leave out) or ``"raise"`` for files that do not decode;
+    ``extensions``: which files are images."""
+
+    path: str = attrs.field(validator=attrs.validators.min_len(1))
+    size: int = attrs.field(default=64, validator=attrs.validators.ge(4))
+    channels: int = attrs.field(default=3, validator=attrs.validators.in_((1, 3)))
+    eval_fraction: float = attrs.field(default=0.1, validator=[attrs.validators.gt(0), attrs.validators.lt(1)])
+    on_error: str = attrs.field(default="skip", validator=attrs.validators.in_(("skip", "raise")))
+    extensions: tuple[str, ...] = attrs.field(default=(".png", ".jpg", ".jpeg"), converter=_extensions, validator=attrs.validators.min_len(1))
+
+
+def _visible(path: Path, root: Path) -> bool:
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def scan(root: Path, extensions: tuple[str, ...]) -> tuple[list[Path], list[int], tuple[str, ...], list[Path]]:
+    """``(files, labels, class_names, ignored)`` under ``root``, sorted by path.
+
+    ``labels`` are all -1 for a flat folder; ``ignored`` are visible files without an image
+    extension (reported by the caller, never used).
+    """
+    if not root.exists():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist; set image/folder path to a folder of PNG/JPEG files")
+    if not root.is_dir():
+        raise NotADirectoryError(f"image folder {str(root)!r} is a file, not a folder; set path to the folder that holds the images")
+    every = sorted(p for p in root.rglob("*") if p.is_file() and _visible(p, root))
+    images = [p for p in every if p.suffix.lower() in extensions]
+    ignored = [p for p in every if p.suffix.lower() not in extensions]
+    top = [p for p in images if p.parent == root]
+    nested = [p for p in images if p.parent != root]
+    if not images:
+        raise ValueError(
+            f"image folder {str(root)!r} has no files ending in {', '.join(extensions)}"
+            + (f" (found {len(ignored)} other files, e.g. {ignored[0].name!r})" if ignored else " (it is empty)")
+            + "; put images in it, directly or in one sub-folder per class"
+        )
+    if top and nested:
+        raise ValueError(
+            f"image folder {str(root)!r} mixes images at the top level (e.g. {top[0].name!r}) with images in "
+            f"sub-folders (e.g. {str(nested[0].relative_to(root))!r}); move every image into a class "
+            "sub-folder for labels, or all to the top level for none"
+        )
+    if top:
+        return top, [-1] * len(top), (), ignored
+    class_names = tuple(sorted({p.relative_to(root).parts[0] for p in nested}))
+    ids = {name: i for i, name in enumerate(class_names)}
+    return nested, [ids[p.relative_to(root).parts[0]] for p in nested], class_names, ignored
+
+
+def load_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """``(channels, size, size)`` uint8: upright, on white, shorter side ``size``, centre crop.
+
+    Raises whatever Pillow raises for a file it cannot fully decode (a truncated file too:
+    ``load()`` decodes every byte).
+    """
+    with Image.open(path) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+    im = im.convert("RGB" if channels == 3 else "L")
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    im = im.resize((nw, nh), Image.Resampling.BICUBIC)  # antialiased when shrinking
+    left, top = (nw - size) // 2, (nh - size) // 2
+    im = im.crop((left, top, left + size, top + size))
+    return np.array(im, dtype=np.uint8).reshape(size, size, channels).transpose(2, 0, 1)
+
+
+def _listing(items: list[tuple[Path, str]]) -> str:
+    lines = [f"  {p}: {reason}" for p, reason in items[:_LISTED]]
+    if len(items) > _LISTED:
+        lines.append(f"  ... and {len(items) - _LISTED} more")
+    return "\n".join(lines)
+
+
+class FolderDataset:
+    """Images of one split of a folder, decoded once, held as uint8 ``(M, C, size, size)``."""
+
+    modality = "image"
+
+    def __init__(self, config: FolderConfig, *, split: str, seed: int) -> None:
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        self.config, self.split, self.seed = config, split, seed
+        self.root = Path(config.path).expanduser()
+        files, labels, self.class_names, ignored = scan(self.root, config.extensions)
+        self.num_classes = len(self.class_names)
+        if ignored:
+            warnings.warn(
+                f"image/folder {str(self.root)!r}: left out {len(ignored)} file(s) without an image extension "
+                f"({', '.join(config.extensions)}):\n" + _listing([(p, "not an image extension") for p in ignored]),
+                UnreadableImageWarning,
+                stacklevel=2,
+            )
+        if len(files) < 2:
+            raise ValueError(f"image folder {str(self.root)!r} has {len(files)} image; a train/eval split needs at least 2")
+
+        order = np.random.default_rng(seed).permutation(len(files))
+        n_eval = min(max(1, int(round(config.eval_fraction * len(files)))), len(files) - 1)
+        chosen = sorted(order[:n_eval] if split == "eval" else order[n_eval:])
+
+        pixels, kept, skipped = [], [], []
+        for i in chosen:
+            try:
+                pixels.append(load_image(files[i], config.size, config.channels))
+            except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... per format
+                reason = f"{type(err).__name__}: {err}"
+                if config.on_error == "raise":
+                    raise UnreadableImageError(
+                        f"cannot read image {str(files[i])!r} ({reason}); delete or fix the file, "
+                        'or set image/folder on_error = "skip" to leave unreadable files out'
+                    ) from err
+                skipped.append((files[i], reason))
+                continue
+            kept.append(i)
+        self.skipped: tuple[tuple[Path, str], ...] = tuple(skipped)
+        if skipped:
+            warnings.warn(
+                f"image/folder {str(self.root)!r} ({split} split): left out {len(skipped)} of {len(chosen)} file(s) "
+                "that could not be read:\n" + _listing(skipped),
+                UnreadableImageWarning,
+                stacklevel=2,
+            )
+        if not kept:
+            raise ValueError(f"no image of the {split} split of {str(self.root)!r} could be read (see the warning above)")
+        self.files = tuple(files[i] for i in kept)
+        self.images = torch.from_numpy(np.stack(pixels))
+        self.labels = torch.tensor([labels[i] for i in kept], dtype=torch.long)
+        self._fingerprint = self._hash(files)
+
+    def _hash(self, files: list[Path]) -> str:
+        h = hashlib.sha256(f"image/folder|{self.split}|{self.seed}|{self.config}".encode())
+        for p in files:  # every file of the folder: a change anywhere changes both splits
+            st = p.stat()
+            h.update(f"{p.relative_to(self.root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Example:
+        media = self.images[i].float().div(127.5).sub(1.0)
+        label = int(self.labels[i]) if self.num_classes else None
+        return Example(media=media, label=label)
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+
+def folder(config: FolderConfig, *, split: str = "train", seed: int = 0) -> FolderDataset:
+    if config is None:
+        raise ValueError("image/folder needs options: at least path = \"/path/to/images\"")
+    return FolderDataset(config, split=split, seed=seed)

@@ -1,0 +1,1 @@
+"""The built-in ``text`` plugin: text as condition tokens (``text/chars``)."""
