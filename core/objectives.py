@@ -150,8 +150,8 @@ class SelfFlow(nn.Module):
         self.config = cfg = config or SelfFlowConfig()
         self.scheduler = scheduler or DualTimestepScheduler()
         self.loss_weights = dict(loss_weights or {})
-        self.student_layer = cfg.student_layer or _default_layer(depth, 0.3)
-        self.teacher_layer = cfg.teacher_layer or _default_layer(depth, 0.7)
+        self.student_layer = _default_layer(depth, 0.3) if cfg.student_layer is None else cfg.student_layer
+        self.teacher_layer = _default_layer(depth, 0.7) if cfg.teacher_layer is None else cfg.teacher_layer
         for name, layer in (("student_layer", self.student_layer), ("teacher_layer", self.teacher_layer)):
             if not 1 <= layer <= depth:
                 raise ValueError(f"objective.{name}={layer} is outside blocks 1..{depth} (1-indexed)")
@@ -204,8 +204,9 @@ class ExternalAlignment(nn.Module):
     """REPA: flow matching plus alignment of the student's block-l hidden state, through the
     projector, to a frozen external encoder's features of the *clean* batch.
 
-    ``encoder(batch) -> (B, N_gen, E)`` per generated token, or ``(B, E)`` (broadcast to
-    every token). It is called under ``no_grad``.
+    ``encoder(batch) -> (B, N_gen, E)`` per token of the generated segments, in order
+    (padding positions included; they carry no loss), or ``(B, E)`` (broadcast to every
+    token). It is called under ``no_grad``.
     """
 
     def __init__(
@@ -224,7 +225,7 @@ class ExternalAlignment(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.gamma = gamma
-        self.student_layer = student_layer or _default_layer(depth, 0.3)
+        self.student_layer = _default_layer(depth, 0.3) if student_layer is None else student_layer
         if not 1 <= self.student_layer <= depth:
             raise ValueError(f"objective.student_layer={self.student_layer} is outside blocks 1..{depth}")
         self.time = time or LogitNormalTime()
@@ -244,8 +245,11 @@ class ExternalAlignment(nn.Module):
         out = model(noised(batch, noise, timesteps), timesteps, return_hidden=(self.student_layer,))
         flow, per = flow_loss(batch, noise, out, self.loss_weights)
 
-        gen = batch.generate_mask()
-        hidden = out.hidden[self.student_layer][gen].view(batch.batch_size, -1, unwrap(model).width)
+        # the generated segments' tokens, in order: (B, N_gen, D); padding stays in place and
+        # is excluded by the weights (a boolean gather would mix samples of a padded batch)
+        parts = out.hidden[self.student_layer].split([seg.num_tokens for seg in batch.segments], dim=1)
+        hidden = torch.cat([h for h, seg in zip(parts, batch.segments) if seg.generated], dim=1)
+        tokens = torch.cat([seg.valid_mask() for seg in batch.segments if seg.generated], dim=1)
         if target.ndim == 2:
             target = target[:, None, :].expand(-1, hidden.shape[1], -1)
         if target.shape[:2] != hidden.shape[:2]:
@@ -253,6 +257,5 @@ class ExternalAlignment(nn.Module):
                 f"encoder features have shape {tuple(target.shape)}; expected (B, {hidden.shape[1]}, E) "
                 "for the generated tokens, or (B, E)"
             )
-        ones = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        rep = representation_loss(self.projector(hidden), target, ones)
+        rep = representation_loss(self.projector(hidden), target, tokens)
         return LossBreakdown(total=flow + self.gamma * rep, flow=flow, representation=rep, per_modality=per)

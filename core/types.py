@@ -28,8 +28,17 @@ def _shape_error(name: str, value: Tensor, expected: str) -> ValueError:
     return ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
 
 
+def _check_tensor(name: str, value: object) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}; wrap it with torch.as_tensor")
+
+
 def _check_segment(seg: Segment, attribute: attrs.Attribute, value: object) -> None:
     tokens, positions, valid = seg.tokens, seg.positions, seg.valid
+    _check_tensor(f"Segment[{seg.modality}].tokens", tokens)
+    _check_tensor(f"Segment[{seg.modality}].positions", positions)
+    if valid is not None:
+        _check_tensor(f"Segment[{seg.modality}].valid", valid)
     if tokens.ndim != 3:
         raise _shape_error(f"Segment[{seg.modality}].tokens", tokens, "(B, N, C)")
     if not tokens.is_floating_point():
@@ -101,6 +110,9 @@ class Segment:
 def _check_batch(batch: TokenBatch, attribute: attrs.Attribute, value: object) -> None:
     if not batch.segments:
         raise ValueError("TokenBatch needs at least one segment")
+    for i, seg in enumerate(batch.segments):
+        if not isinstance(seg, Segment):
+            raise TypeError(f"TokenBatch.segments[{i}] must be a Segment, got {type(seg).__name__}")
     sizes = {seg.batch_size for seg in batch.segments}
     if len(sizes) != 1:
         raise ValueError(
@@ -111,9 +123,10 @@ def _check_batch(batch: TokenBatch, attribute: attrs.Attribute, value: object) -
         raise ValueError("TokenBatch has no segment with role GENERATE: nothing to train or sample")
     labels = batch.labels
     if labels is not None:
+        _check_tensor("TokenBatch.labels", labels)
         if labels.shape != (batch.batch_size,):
             raise _shape_error("TokenBatch.labels", labels, f"({batch.batch_size},)")
-        if labels.is_floating_point():
+        if labels.is_floating_point() or labels.dtype == torch.bool:
             raise TypeError(f"TokenBatch.labels must be integer class ids, got {labels.dtype}")
 
 
@@ -175,10 +188,16 @@ class TokenBatch:
 
 
 def _check_timesteps(ts: Timesteps, attribute: attrs.Attribute, value: object) -> None:
-    if ts.levels.ndim != 2 or not ts.levels.is_floating_point():
-        raise ValueError(f"Timesteps.levels must be a float (B, K) tensor, got {tuple(ts.levels.shape)} {ts.levels.dtype}")
-    if ts.index.ndim != 2 or ts.index.dtype != torch.long:
-        raise ValueError(f"Timesteps.index must be a long (B, N_total) tensor, got {tuple(ts.index.shape)} {ts.index.dtype}")
+    _check_tensor("Timesteps.levels", ts.levels)
+    _check_tensor("Timesteps.index", ts.index)
+    if ts.levels.ndim != 2:
+        raise _shape_error("Timesteps.levels", ts.levels, "(B, K)")
+    if not ts.levels.is_floating_point():
+        raise TypeError(f"Timesteps.levels must be floating point noise levels in [0, 1], got {ts.levels.dtype}")
+    if ts.index.ndim != 2:
+        raise _shape_error("Timesteps.index", ts.index, "(B, N_total)")
+    if ts.index.dtype != torch.long:
+        raise TypeError(f"Timesteps.index must be torch.long (it feeds gather), got {ts.index.dtype}; convert with .long()")
     if ts.index.shape[0] != ts.levels.shape[0]:
         raise ValueError(
             f"Timesteps batch sizes differ: levels {ts.levels.shape[0]}, index {ts.index.shape[0]}"

@@ -102,9 +102,12 @@ def initial_noise(template: TokenBatch, generator: torch.Generator) -> TokenBatc
 
 
 def _step(batch: TokenBatch, velocity: tuple[Tensor | None, ...], dt: float | Tensor) -> TokenBatch:
-    """``x <- x + dt v`` on generated segments (``dt < 0`` when moving towards data)."""
+    """``x <- x + dt v`` on generated segments (``dt < 0`` when moving towards data).
+
+    Condition segments are held by their role, not by trusting the velocity function to
+    return ``None`` for them."""
     return batch.with_tokens(
-        [seg.tokens if v is None else seg.tokens + dt * v for seg, v in zip(batch.segments, velocity)]
+        [seg.tokens + dt * v if seg.generated else seg.tokens for seg, v in zip(batch.segments, velocity)]
     )
 
 
@@ -147,7 +150,7 @@ class HeunSampler:
                 x = x_pred
                 continue
             v_next = velocity(x_pred, _full(x, t_next))
-            mean_v = tuple(None if a is None else 0.5 * (a + b) for a, b in zip(v, v_next))
+            mean_v = tuple(None if a is None or b is None else 0.5 * (a + b) for a, b in zip(v, v_next))
             x = _step(x, mean_v, t_next - t)
         return x
 
@@ -181,7 +184,7 @@ class EulerMaruyamaSampler:
             tt = torch.tensor(t, device=x.device)
             xs = []
             for seg, vel in zip(x.segments, v):
-                if vel is None:
+                if not seg.generated:
                     xs.append(seg.tokens)
                     continue
                 score = path.score_from_velocity(seg.tokens, vel, tt)

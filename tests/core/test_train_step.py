@@ -1,0 +1,158 @@
+"""One training step: update, clipping, EMA follow-up, and refusal of non-finite losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from selfflow.core.distill import EMAConfig, EMATeacher
+from selfflow.core.model import FlowTransformer, ModelConfig
+from selfflow.core.objectives import SelfFlow
+from selfflow.core.train_step import NonFiniteLossError, TrainState, apply_update, backward, train_step
+from selfflow.core.types import LossBreakdown
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SPECS = [("text", 3, 2, "condition"), ("image", 8, 3, "generate")]
+
+
+def _state(*, optimizer: str = "adamw", lr: float = 1e-2, grad_clip: float = 1.0, decay: float = 0.9, seed: int = 0) -> TrainState:
+    torch.manual_seed(seed)
+    model = FlowTransformer(ModelConfig(channels={"text": 2, "image": 3}, width=32, depth=2, heads=2, num_classes=3))
+    objective = SelfFlow.for_model(model)
+    params = list(model.parameters()) + list(objective.parameters())
+    opt = torch.optim.AdamW(params, lr=lr) if optimizer == "adamw" else torch.optim.SGD(params, lr=lr)
+    return TrainState(
+        model=model, teacher=EMATeacher(model, EMAConfig(decay=decay, warmup=False)), objective=objective,
+        optimizer=opt, grad_clip=grad_clip,
+    )
+
+
+def _snapshot(state: TrainState) -> dict[str, torch.Tensor]:
+    out = {f"model.{k}": v.clone() for k, v in state.model.state_dict().items()}
+    out.update({f"teacher.{k}": v.clone() for k, v in state.teacher.state_dict().items()})
+    out.update({f"objective.{k}": v.clone() for k, v in state.objective.state_dict().items()})
+    return out
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_step_updates_student_then_teacher_by_the_ema_formula(make_batch, gen):
+    state = _state()
+    batch = make_batch(SPECS, batch=4, num_classes=3)
+    teacher_before = [p.clone() for p in state.teacher.model.parameters()]
+    student_before = [p.detach().clone() for p in state.model.parameters()]
+    result = train_step(state, batch, generator=gen)
+    assert state.step == 1 and result.ema_decay == 0.9 and result.lr == 1e-2
+    assert math.isfinite(result.grad_norm) and result.grad_norm > 0
+    assert result.losses.representation is not None
+    moved = [not torch.equal(a, b) for a, b in zip(student_before, state.model.parameters())]
+    assert sum(moved) > len(moved) // 2
+    for p_ema, p_old, p in zip(state.teacher.model.parameters(), teacher_before, state.model.parameters()):
+        torch.testing.assert_close(p_ema, 0.9 * p_old + 0.1 * p, rtol=1e-6, atol=1e-7)
+    assert all(p.grad is None for p in state.trainable_parameters())  # zeroed after the step
+    assert all(p.grad is None for p in state.teacher.parameters())
+
+
+def test_gradient_clipping_bounds_the_update(make_batch, gen):
+    clip = 1e-3
+    state = _state(optimizer="sgd", lr=1.0, grad_clip=clip)
+    batch = make_batch(SPECS, batch=4, num_classes=3)
+    before = [p.detach().clone() for p in state.trainable_parameters()]
+    result = train_step(state, batch, generator=gen)
+    assert result.grad_norm > 10 * clip  # the clip is active
+    delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(state.trainable_parameters(), before)])
+    assert float(delta.norm()) == pytest.approx(clip, rel=1e-3)  # SGD, lr 1: the step is -clipped grad
+
+
+def test_lr_schedule_is_stepped(make_batch, gen):
+    state = _state(lr=1.0)
+    state.lr_schedule = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lambda step: 0.5**step)
+    batch = make_batch(SPECS, batch=2, num_classes=3)
+    lrs = [train_step(state, batch, generator=gen).lr for _ in range(3)]
+    assert lrs == [1.0, 0.5, 0.25]
+
+
+class _NaNObjective(nn.Module):
+    """Finite forward, NaN loss: a parameter times NaN."""
+
+    def forward(self, model, batch, *, teacher, generator):
+        loss = sum(p.sum() for p in model.parameters()) * float("nan")
+        return LossBreakdown(total=loss, flow=loss)
+
+
+class _InfGradObjective(nn.Module):
+    """A finite loss (0) whose gradient is not finite: d sqrt(u) / du at u = 0."""
+
+    def forward(self, model, batch, *, teacher, generator):
+        p = next(model.parameters())
+        u = (p - p.detach()).sum()  # value 0, gradient 1
+        loss = torch.sqrt(u.abs())
+        return LossBreakdown(total=loss, flow=loss)
+
+
+def test_nan_loss_raises_and_changes_nothing(make_batch, gen):
+    state = _state()
+    batch = make_batch(SPECS, batch=2, num_classes=3)
+    train_step(state, batch, generator=gen)  # optimiser state exists
+    state.objective = _NaNObjective()
+    before, opt_before = _snapshot(state), [v.clone() for s in state.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 1 .*no update was applied"):
+        train_step(state, batch, generator=gen)
+    assert _same(before, _snapshot(state)) and state.step == 1
+    opt_after = [v for s in state.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    assert all(torch.equal(a, b) for a, b in zip(opt_before, opt_after))
+    assert all(p.grad is None for p in state.model.parameters())  # nothing was back-propagated
+
+
+def test_nan_tokens_raise(make_batch, gen):
+    state = _state()
+    batch = make_batch(SPECS, batch=2, num_classes=3)
+    x = batch.segments[1].tokens.clone()
+    x[0, 0, 0] = float("nan")
+    bad = batch.with_tokens([batch.segments[0].tokens, x])
+    before = _snapshot(state)
+    with pytest.raises(NonFiniteLossError):
+        train_step(state, bad, generator=gen)
+    assert _same(before, _snapshot(state)) and state.step == 0
+
+
+def test_non_finite_gradient_raises_and_changes_nothing(make_batch, gen):
+    state = _state()
+    state.objective = _InfGradObjective()
+    batch = make_batch(SPECS, batch=2, num_classes=3)
+    before = _snapshot(state)
+    with pytest.raises(NonFiniteLossError, match="gradient norm is (nan|inf) at step 0; no update was applied"):
+        train_step(state, batch, generator=gen)
+    assert _same(before, _snapshot(state)) and state.step == 0
+    assert all(p.grad is None for p in state.model.parameters())
+
+
+def test_accumulated_half_batches_match_scaled_gradients(make_batch):
+    """``backward(scale=0.5)`` twice on the same draws gives the gradient of one full-scale pass."""
+    batch = make_batch(SPECS, batch=2, num_classes=3)
+    full, half = _state(), _state()
+    backward(full, batch, generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        backward(half, batch, generator=torch.Generator().manual_seed(1), scale=0.5)
+    for a, b in zip(full.trainable_parameters(), half.trainable_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    assert apply_update(half)[2] == 0.9 and half.step == 1
+
+
+def test_training_is_reproducible_from_the_seed(make_batch, global_rng_untouched):
+    batch = make_batch(SPECS, batch=4, num_classes=3)
+    runs = []
+    for _ in range(2):
+        state = _state()
+        g = torch.Generator().manual_seed(42)
+        with global_rng_untouched():
+            losses = [train_step(state, batch, generator=g).losses.detached() for _ in range(3)]
+        runs.append((losses, _snapshot(state)))
+    assert runs[0][0] == runs[1][0]
+    assert _same(runs[0][1], runs[1][1])
