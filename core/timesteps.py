@@ -220,6 +220,9 @@ class DualTimestepScheduler:
             parts.append(gen.long() + (gen & (u < ratio)).long())
         index = torch.cat(parts, dim=1)
         masked = index == 2
+        # a sample in which no token drew s has only the level t: its s is unused, so it must
+        # not pull the teacher's min(t, s) below t
+        levels[:, 2] = torch.where(masked.any(dim=1), levels[:, 2], levels[:, 1])
 
         student = Timesteps(levels=levels, index=index)
         teacher = Timesteps(levels=self.teacher_rule(levels, generator=generator), index=index)

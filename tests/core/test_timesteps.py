@@ -96,8 +96,20 @@ def test_mask_ratio_validation():
         DualTimestepScheduler(mask_ratio=-0.1)
 
 
+def test_unmasked_samples_keep_the_teacher_at_t(make_batch, gen):
+    # with 2 tokens at ratio 0.25, ~56% of samples have no masked token: their only level is t
+    batch = make_batch([("image", 2, 2, "generate")], batch=4096)
+    steps = DualTimestepScheduler().__call__(batch, generator=gen)
+    none = ~steps.masked.any(dim=1)
+    assert 0.5 < float(none.float().mean()) < 0.62
+    t = steps.student.levels[:, 1]
+    assert torch.equal(steps.teacher.per_token()[none], t[none][:, None].expand(-1, 2))
+    assert torch.equal(steps.student.levels[none, 2], t[none])
+
+
 def test_t_and_s_unsorted_and_independent(make_batch, gen):
-    batch = make_batch([("image", 4, 2, "generate")], batch=8192)
+    # 64 tokens: every sample has masked tokens (P(none) = 0.75^64), so every s is a real draw
+    batch = make_batch([("image", 64, 2, "generate")], batch=8192)
     levels = DualTimestepScheduler().__call__(batch, generator=gen).student.levels
     t, s = levels[:, 1], levels[:, 2]
     assert bool((levels[:, 0] == 0).all())
@@ -161,7 +173,7 @@ def test_gap_teacher_levels_within_gap(make_batch, gen):
 
 
 def test_max_gap_switch(make_batch, gen):
-    batch = make_batch([("image", 4, 2, "generate")], batch=4096)
+    batch = make_batch([("image", 64, 2, "generate")], batch=4096)  # every sample has masked tokens
     levels = DualTimestepScheduler(max_gap=0.2)(batch, generator=gen).student.levels
     gap = (levels[:, 1] - levels[:, 2]).abs()
     assert float(gap.max()) <= 0.2 + 1e-6
@@ -172,7 +184,7 @@ def test_max_gap_switch(make_batch, gen):
 
 
 def test_min_gap_switch(make_batch, gen):
-    batch = make_batch([("image", 4, 2, "generate")], batch=4096)
+    batch = make_batch([("image", 64, 2, "generate")], batch=4096)  # every sample has masked tokens
     levels = DualTimestepScheduler(min_gap=0.3)(batch, generator=gen).student.levels
     assert float((levels[:, 1] - levels[:, 2]).abs().min()) >= 0.3
     both = DualTimestepScheduler(min_gap=0.1, max_gap=0.25, time=UniformTime())(batch, generator=gen).student.levels
