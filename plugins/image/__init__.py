@@ -11,6 +11,14 @@ def selfflow_register_tokenizers(register) -> None:
 
     register.add("image/patch", PatchTokenizer.from_config, PatchConfig, "non-overlapping pixel patches (exact round trip)")
 
+    from selfflow.plugins.image.sd_vae import SDVAEConfig, SDVAETokenizer
+    from selfflow.plugins.image.vae import ImageVAEConfig, ImageVAETokenizer
+
+    register.add("image/vae", ImageVAETokenizer.from_config, ImageVAEConfig,
+                 "small KL autoencoder trained on the run's data (cached by data+config hash), standardised latent tokens")
+    register.add("image/sd-vae", SDVAETokenizer.from_config, SDVAEConfig,
+                 "pretrained diffusers AutoencoderKL from a local directory (needs selfflow[sd-vae]; no network)")
+
 
 @hookimpl
 def selfflow_register_datasets(register) -> None:
