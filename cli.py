@@ -5,7 +5,8 @@
     selfflow runs list
     selfflow plugins list
     selfflow registry show NAME
-    selfflow bench step [...]
+    selfflow eval CHECKPOINT [--metric NAME ... --samples N --cfg S --sampler NAME --steps N]
+    selfflow bench step|image-methods [...]
 
 Errors print one line and a hint; ``--debug`` shows the traceback.
 """
@@ -45,6 +46,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="output PNG (default: RUN/samples-cli.png)")
 
+    e = sub.add_parser("eval", help="compute a run's metrics from a checkpoint's EMA model")
+    e.add_argument("checkpoint", help="a run directory or a checkpoint directory")
+    e.add_argument("--metric", action="append", default=[], metavar="NAME",
+                   help="a registered metric (repeatable; default: the run's [eval] metrics, else fd, kid, class-accuracy, linear-probe)")
+    e.add_argument("--samples", type=int, help="number of samples (default: eval.num_samples)")
+    e.add_argument("--seed", type=int, help="sampling seed (default: eval.seed)")
+    e.add_argument("--cfg", type=float, help="classifier-free guidance scale")
+    e.add_argument("--sampler", help="a registered sampler, e.g. sde/euler-maruyama")
+    e.add_argument("--steps", type=int, help="sampler steps")
+
     r = sub.add_parser("runs", help="registered runs")
     r.add_argument("action", choices=["list"])
 
@@ -56,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     rg.add_argument("name", nargs="?")
 
     b = sub.add_parser("bench", help="benchmarks (see benchmarks/)")
-    b.add_argument("suite", choices=["step"], help="which benchmark")
+    b.add_argument("suite", choices=["step", "image-methods"], help="which benchmark")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help)")
     return p
 
@@ -91,20 +102,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from selfflow.core.checkpoint import read_state, resolve
     from selfflow.plugins.image.media import save_grid
-    from selfflow.registry.compose import build_run
-    from selfflow.registry.config import load_config
 
-    ckpt = resolve(args.checkpoint)
-    state = read_state(ckpt)
-    overrides = ["output.progress=false"]
-    if args.sampler:
-        overrides.append(f"sampler.name={args.sampler!r}".replace("'", '"'))
-    if args.steps:
-        overrides.append(f"sampler.options.steps={args.steps}")
-    cfg = load_config(state["extra"]["config_toml"], overrides, source=f"checkpoint {ckpt}")
-    run = build_run(cfg, resume=ckpt)
+    run, cfg = _run_from_checkpoint(args.checkpoint, args.sampler, args.steps)
     k = run.teacher.cfg.num_classes
     if k > 0:
         ids = list(range(k)) if not args.labels else [int(x) for x in args.labels.split(",")]
@@ -121,6 +121,42 @@ def cmd_sample(args: argparse.Namespace) -> int:
     save_grid(images, out, rows=rows, row_labels=names,
               title=f"{cfg.run.name} step {run.state.step} ({cfg.sampler.name}, cfg {args.cfg or cfg.sampler.cfg_scale})")
     print(out)
+    return 0
+
+
+def _run_from_checkpoint(path: str, sampler: str | None, steps: int | None):
+    from selfflow.core.checkpoint import read_state, resolve
+    from selfflow.registry.compose import build_run
+    from selfflow.registry.config import load_config
+
+    ckpt = resolve(path)
+    state = read_state(ckpt)
+    overrides = ["output.progress=false"]
+    if sampler:
+        overrides.append(f'sampler.name="{sampler}"')
+    if steps:
+        overrides.append(f"sampler.options.steps={steps}")
+    cfg = load_config(state["extra"]["config_toml"], overrides, source=f"checkpoint {ckpt}")
+    return build_run(cfg, resume=ckpt), cfg
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from selfflow.registry.config import MetricSpec
+    from selfflow.registry.evaluate import evaluate, write_report
+
+    run, cfg = _run_from_checkpoint(args.checkpoint, args.sampler, args.steps)
+    if args.metric:
+        specs = [MetricSpec(name=m) for m in args.metric]
+    elif cfg.eval.metrics:
+        specs = list(cfg.eval.metrics)
+    else:
+        specs = [MetricSpec(name=m) for m in ("class-accuracy", "fd", "kid", "linear-probe")]
+        if run.teacher.cfg.num_classes == 0:
+            specs = [s for s in specs if s.name != "class-accuracy"]
+    report = evaluate(run, metrics=specs, num_samples=args.samples, seed=args.seed, cfg_scale=args.cfg)
+    path = write_report(report, run.out_dir / "eval")
+    print(report.markdown())
+    print(path)
     return 0
 
 
@@ -186,12 +222,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from selfflow.benchmarks.step import main as step_main
 
         return step_main(args.args)
+    if args.suite == "image-methods":
+        from selfflow.benchmarks.image_methods import main as methods_main
+
+        return methods_main(args.args)
     raise UsageError(f"unknown benchmark {args.suite!r}")
 
 
 COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
+    "eval": cmd_eval,
     "runs": cmd_runs,
     "plugins": cmd_plugins,
     "registry": cmd_registry,

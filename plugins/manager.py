@@ -28,6 +28,7 @@ from selfflow.plugins import hookspecs
 
 BUILTINS: dict[str, str] = {
     "samplers": "selfflow.plugins.samplers",
+    "metrics": "selfflow.plugins.metrics",
     "image": "selfflow.plugins.image",
     "text": "selfflow.plugins.text",
     "recipes": "selfflow.plugins.recipes",

@@ -387,3 +387,20 @@ def linear_probe(model: nn.Module, tokenizer, train_dataset, eval_dataset, confi
     """One-call form: ``linear_probe(model, tokenizer, train, eval, layer=2).value``."""
     config = attrs.evolve(config or LinearProbeConfig(), **overrides)
     return LinearProbe(config)(model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset)[0]
+
+
+# ----------------------------------------------------------------------------- plugin hooks
+
+from selfflow.plugins.hookspecs import hookimpl  # noqa: E402
+
+
+@hookimpl
+def selfflow_register_metrics(register) -> None:
+    register.add("fd", FrechetDistance.from_config, None,
+                 "Fréchet distance in the modality's reference-network feature space (torchmetrics)")
+    register.add("kid", KernelDistance.from_config, KIDConfig,
+                 "kernel (MMD) distance in the reference feature space: kid_mean, kid_std (torchmetrics)")
+    register.add("class-accuracy", ClassAccuracy.from_config, None,
+                 "share of class-conditional samples the reference classifier assigns to the requested class")
+    register.add("linear-probe", LinearProbe.from_config, LinearProbeConfig,
+                 "held-out logistic-regression accuracy on mean-pooled block-l features of clean inputs (t=0)")

@@ -21,7 +21,7 @@ from selfflow.core import distributed
 from selfflow.core.distill import EMAConfig, EMATeacher
 from selfflow.core.loop import Loop, LoopConfig, warmup_schedule
 from selfflow.core.model import PRESETS, FlowTransformer, ModelConfig
-from selfflow.core.objectives import FlowMatching, SelfFlow, SelfFlowConfig
+from selfflow.core.objectives import ExternalAlignment, FlowMatching, SelfFlow, SelfFlowConfig
 from selfflow.core.timesteps import (
     DualTimestepScheduler,
     GapTeacher,
@@ -106,15 +106,19 @@ def model_config(cfg: RunConfig, channels: dict[str, int], num_classes: int) -> 
         raise ConfigError(f"config table 'model': {err}") from err
 
 
-def build_objective(cfg: RunConfig, model: FlowTransformer) -> torch.nn.Module:
+def build_objective(cfg: RunConfig, model: FlowTransformer, encoder: tuple[Any, int] | None = None) -> torch.nn.Module:
+    """The objective of ``cfg``; ``encoder = (fn, dim)`` is REPA's frozen encoder."""
     o = cfg.objective
     weights = {name: mod.loss_weight for name, mod in cfg.modalities.items()}
     if o.name == "flow-matching":
         return FlowMatching(time=time_sampler(cfg), label_dropout=o.label_dropout, loss_weights=weights)
     if o.name == "external-alignment":
-        raise ConfigError(
-            "objective.name = 'external-alignment' needs an encoder; build it with "
-            "selfflow.core.objectives.ExternalAlignment and a reference network (see the README)"
+        if encoder is None:
+            raise ConfigError("objective.name = 'external-alignment' needs the modality's reference network as encoder")
+        fn, dim = encoder
+        return ExternalAlignment(
+            width=model.width, depth=model.depth, encoder=fn, encoder_dim=dim, gamma=o.gamma,
+            student_layer=o.student_layer, time=time_sampler(cfg), label_dropout=o.label_dropout, loss_weights=weights,
         )
     scheduler = DualTimestepScheduler(
         time=time_sampler(cfg),
@@ -172,6 +176,7 @@ class Run:
     out_dir: Path
     generator: torch.Generator
     registries: Registries
+    cache_dir: Path
     wall_time: float = 0.0
 
     @property
@@ -276,6 +281,26 @@ class PlotCallback:
             plot_losses(loop.history, loop.out_dir / "loss.png")
 
 
+def alignment_encoder(regs: Registries, modalities: dict[str, Modality], *, cache_dir: Path, device: torch.device,
+                      progress: bool) -> tuple[Any, int]:
+    """REPA's frozen encoder: the modality's reference network (``<modality>/reference``,
+    trained on the run's data, since no pretrained encoder can be downloaded), giving one
+    feature vector per generated token from the *decoded* clean tokens."""
+    (name, mod), = list(modalities.items())[:1]
+    entry = f"{name}/reference"
+    if entry not in regs.metrics:
+        raise ConfigError(f"objective.name = 'external-alignment': no reference network {entry!r} is registered")
+    ref = regs.metrics.build(entry, {}, dataset=mod.eval, train_dataset=mod.train, cache_dir=str(cache_dir),
+                             device=device, progress=progress)
+
+    def encode(batch: TokenBatch) -> torch.Tensor:
+        seg = next(s for s in batch.segments if s.generated)
+        grid = (int(seg.positions[0, :, 1].max()) + 1, int(seg.positions[0, :, 2].max()) + 1)
+        return ref.token_features(mod.tokenizer.decode(seg), grid).to(seg.tokens.device)
+
+    return encode, ref.token_feature_dim
+
+
 def build_run(
     config: RunConfig,
     *,
@@ -330,7 +355,10 @@ def build_run(
     # model, EMA teacher, objective, optimiser
     model = FlowTransformer(model_config(cfg, channels, num_classes)).to(dev)
     teacher = EMATeacher(model, EMAConfig(decay=cfg.ema.decay, warmup=cfg.ema.warmup))
-    objective = build_objective(cfg, model).to(dev)
+    encoder = None
+    if cfg.objective.name == "external-alignment":
+        encoder = alignment_encoder(regs, modalities, cache_dir=cache_dir, device=dev, progress=cfg.output.progress)
+    objective = build_objective(cfg, model, encoder).to(dev)
     wrapped = distributed.wrap_model(model, dev)
     o = cfg.optimizer
     params = [p for p in model.parameters()] + [p for p in objective.parameters()]
@@ -359,7 +387,7 @@ def build_run(
         checkpoint_extra={"config_toml": to_toml(cfg), "model": attrs.asdict(model.cfg)},
     )
     run = Run(config=cfg, state=state, loop=loop, modalities=modalities, sampler=sampler, device=dev,
-              out_dir=run_dir, generator=generator, registries=regs)
+              out_dir=run_dir, generator=generator, registries=regs, cache_dir=cache_dir)
     run_ref.append(run)
     if resume is not None:
         loop.resume(resume)

@@ -57,3 +57,20 @@ def test_train_then_sample(tmp_path, capsys):
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "selfflow", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "train" in out.stdout and "registry" in out.stdout
+
+
+def test_eval_writes_numbers_with_their_protocol(tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert cli.main(["train", "debug", "--out", str(out), "--set", "run.steps=2", "--set", "output.progress=false"]) == 0
+    assert cli.main(["eval", str(out), "--samples", "30", "--metric", "class-accuracy", "--metric", "fd"]) == 0
+    report = json.loads((out / "eval" / "eval_step_0000002.json").read_text())
+    assert set(report["results"]) == {"class_accuracy", "fd"}
+    assert 0.0 <= report["results"]["class_accuracy"] <= 1.0 and report["results"]["fd"] > 0
+    proto = report["protocol"]
+    assert proto["num_samples"] == 30 and proto["sampler"] == "ode/euler" and proto["cfg_scale"] == 1.5
+    assert proto["reference_network"]["reference_accuracy"] > 0.8  # the 8x8 digits classifier
+    assert cli.main(["eval", str(out), "--metric", "fid"]) == 2
+    assert "did you mean 'fd'" in capsys.readouterr().err

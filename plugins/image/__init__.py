@@ -39,6 +39,11 @@ def selfflow_register_datasets(register) -> None:
 @hookimpl
 def selfflow_register_metrics(register) -> None:
     from selfflow.plugins.image.legibility import LegibilityConfig, legibility
+    from selfflow.plugins.image.reference import ImageReference, ImageReferenceConfig
+
+    register.add("image/reference", ImageReference.from_config, ImageReferenceConfig,
+                 "small CNN classifier trained on the run's images (cached by data+config hash): "
+                 "feature network for fd/kid/class-accuracy and REPA")
 
     register.add("image/legibility", legibility, LegibilityConfig,
                  "exact-word and character accuracy of images read by tesseract (Debian tesseract-ocr)")
