@@ -33,6 +33,7 @@ from selfflow.core.timesteps import (
 )
 from selfflow.core.train_step import TrainState
 from selfflow.core.types import TokenBatch
+from selfflow.plugins.image.latents import grid_of
 from selfflow.plugins.batching import EncodedData, MixedSource, TokenSource, encode_dataset
 from selfflow.plugins.manager import PluginHost
 from selfflow.plugins.samplers import Guidance, model_velocity
@@ -295,8 +296,7 @@ def alignment_encoder(regs: Registries, modalities: dict[str, Modality], *, cach
 
     def encode(batch: TokenBatch) -> torch.Tensor:
         seg = next(s for s in batch.segments if s.generated)
-        grid = (int(seg.positions[0, :, 1].max()) + 1, int(seg.positions[0, :, 2].max()) + 1)
-        return ref.token_features(mod.tokenizer.decode(seg), grid).to(seg.tokens.device)
+        return ref.token_features(mod.tokenizer.decode(seg), grid_of(seg)).to(seg.tokens.device)
 
     return encode, ref.token_feature_dim
 

@@ -20,7 +20,8 @@ import attrs
 import torch
 from torch import Tensor
 
-from selfflow.core.types import Role, Segment, grid_positions
+from selfflow.core.types import Role, Segment
+from selfflow.plugins.image import latents
 from selfflow.plugins.image.patch import check_image_batch
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -141,22 +142,10 @@ class SDVAETokenizer:
         self._ready(media.device)
         posterior = self.vae.encode(media.float()).latent_dist
         z = posterior.sample() if self.config.sample else posterior.mean
-        b, ch, h, w = z.shape
-        z = (z - self.shift[:, None, None]) / self.scale[:, None, None]
-        tokens = z.permute(0, 2, 3, 1).reshape(b, h * w, ch)
-        pos = grid_positions(1, h, w, batch=b, device=media.device)
-        return Segment(modality=self.modality, tokens=tokens.contiguous(), positions=pos, role=self.role)
+        return latents.to_segment(z, self.shift, self.scale, modality=self.modality, role=self.role)
 
     @torch.no_grad()
     def decode(self, segment: Segment) -> Tensor:
-        tokens = segment.tokens
-        b, n, ch = tokens.shape
-        if ch != self.channels:
-            raise ValueError(f"image/sd-vae decodes {self.channels}-channel tokens, got {ch}")
-        h, w = int(segment.positions[0, :, 1].max()) + 1, int(segment.positions[0, :, 2].max()) + 1
-        if h * w != n:
-            raise ValueError(f"image/sd-vae: positions span a {h}x{w} grid but the segment has {n} tokens")
-        self._ready(tokens.device)
-        z = tokens.float().reshape(b, h, w, ch).permute(0, 3, 1, 2)
-        z = z * self.scale[:, None, None] + self.shift[:, None, None]
+        self._ready(segment.tokens.device)
+        z = latents.to_latents(segment, self.shift, self.scale, channels=self.channels, name="image/sd-vae")
         return self.vae.decode(z).sample.clamp(-1.0, 1.0)
