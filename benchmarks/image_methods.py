@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, help="override the profile's seeds")
     p.add_argument("--out", help="output directory")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override (repeatable)")
+    p.add_argument("--aggregate", nargs="+", metavar="DIR",
+                   help="train nothing: merge the runs.json of earlier invocations (e.g. seeds run in parallel) into --out")
     args = p.parse_args(argv)
 
     profile = PROFILES[args.profile]
@@ -221,8 +223,16 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = []
     t0 = time.perf_counter()
-    jobs = [(s, m) for s in profile.seeds for m in profile.methods]
-    for seed, method in tqdm(jobs, desc="image-methods", unit="run"):
+    if args.aggregate:
+        for d in args.aggregate:
+            runs += [r for r in json.loads((Path(d) / "runs.json").read_text())
+                     if r["method"] in profile.methods and r["seed"] in profile.seeds]
+        missing = {(m, s) for m in profile.methods for s in profile.seeds} - {(r["method"], r["seed"]) for r in runs}
+        if missing:
+            raise SystemExit(f"--aggregate: no runs for {sorted(missing)} in {args.aggregate}")
+        runs.sort(key=lambda r: (r["seed"], profile.methods.index(r["method"])))
+    jobs = [] if args.aggregate else [(s, m) for s in profile.seeds for m in profile.methods]
+    for seed, method in tqdm(jobs, desc="image-methods", unit="run", disable=not jobs):
         runs.append(run_one(method, seed, profile, out, args.overrides))
         (out / "runs.json").write_text(json.dumps(runs, indent=1, default=str))
     agg = aggregate(runs, profile)
@@ -236,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         "wall_minutes": round((time.perf_counter() - t0) / 60, 1),
     }
     md = markdown(agg, profile, args.profile, command, meta)
-    md += f"\nWall time of the whole benchmark: {meta['wall_minutes']} min.\n"
+    if not args.aggregate:
+        md += f"\nWall time of the whole benchmark: {meta['wall_minutes']} min.\n"
+    else:
+        meta.pop("wall_minutes")
+        md += f"\nMerged from {', '.join(args.aggregate)}.\n"
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps({"profile": attrs.asdict(profile), "meta": meta, "command": command,
                                                   "aggregate": agg, "runs": runs}, indent=1, default=str))

@@ -20,3 +20,22 @@ def test_image_methods_quick_profile(tmp_path, monkeypatch):
     md = (out / "results.md").read_text()
     assert "| self-flow | 20 |" in md and "ms/step" in md
     assert (out / "metrics.png").stat().st_size > 10_000
+
+
+def test_image_methods_aggregate_merges_parallel_invocations(tmp_path, monkeypatch):
+    runs = [{"method": m, "seed": s, "rows": [{"step": 10, "class_accuracy": 0.5 + s / 10, "fd": 1.0 + s},
+                                               {"step": 20, "class_accuracy": 0.6 + s / 10, "fd": 2.0 + s}],
+             "ms_per_step": 10.0 * (1 + (m == "self-flow")), "parameters": 1000, "protocol": {"sampler": "ode/euler",
+             "sampler_options": {}, "cfg_scale": 1.0, "guidance_interval": [0, 1]}}
+            for m in ("flow-matching", "self-flow") for s in (0, 1)]
+    for s in (0, 1):
+        d = tmp_path / f"seed{s}"
+        d.mkdir()
+        (d / "runs.json").write_text(json.dumps([r for r in runs if r["seed"] == s]))
+    out = tmp_path / "merged"
+    assert image_methods.main(["--profile", "quick", "--methods", "flow-matching", "self-flow", "--seeds", "0", "1",
+                               "--aggregate", str(tmp_path / "seed0"), str(tmp_path / "seed1"), "--out", str(out)]) == 0
+    agg = json.loads((out / "results.json").read_text())["aggregate"]
+    mean, std = agg["table"]["self-flow"]["20"]["class_accuracy"]
+    assert abs(mean - 0.65) < 1e-9 and abs(std - 0.0707106781) < 1e-6
+    assert "| self-flow | 20 | 0.650 ± 0.071 | 2.500 ± 0.707 | 20 (2.00x) |" in (out / "results.md").read_text()
