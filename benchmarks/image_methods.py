@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         md += f"\nWall time of the whole benchmark: {meta['wall_minutes']} min.\n"
     else:
         meta.pop("wall_minutes")
+        meta["machine"] = f"{platform.machine()}, torch {torch.__version__} (threads: see the merged invocations' commands)"
         md += f"\nMerged from {', '.join(args.aggregate)}.\n"
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps({"profile": attrs.asdict(profile), "meta": meta, "command": command,
