@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": runs[-1]["parameters"],
         "sampler": f"{proto['sampler']} {proto['sampler_options']}, CFG {proto['cfg_scale']} on t in {proto['guidance_interval']}",
         "reference_accuracy": proto.get("reference_network", {}).get("reference_accuracy", "n/a"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": (f"{platform.machine()}, torch {torch.__version__}, threads as in the merged invocations"
+                    if args.aggregate else f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"),
         "wall_minutes": round((time.perf_counter() - t0) / 60, 1),
     }
     md = markdown(agg, profile, args.profile, command, meta)
@@ -250,7 +251,6 @@ def main(argv: list[str] | None = None) -> int:
         md += f"\nWall time of the whole benchmark: {meta['wall_minutes']} min.\n"
     else:
         meta.pop("wall_minutes")
-        meta["machine"] = f"{platform.machine()}, torch {torch.__version__} (threads: see the merged invocations' commands)"
         md += f"\nMerged from {', '.join(args.aggregate)}.\n"
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps({"profile": attrs.asdict(profile), "meta": meta, "command": command,
