@@ -173,21 +173,20 @@ def _analytic_parameters(width: int, depth: int, channels: dict[str, int], num_c
     return depth * block + t_embed + labels + projections + final
 
 
-# image latents of 16 channels (a 2x2 patch of a 4-channel latent), 1000 classes; the
-# README lists these numbers
-README_PARAMETERS = {"tiny": 244_496, "XS": 4_357_648, "S": 32_858_896, "B": 130_303_504, "L": 457_824_272}
+# one modality of 16-channel tokens and 10 classes: the README's table
+README_PARAMETERS = {"tiny": 181_136, "XS": 4_167_568, "S": 32_478_736, "B": 129_543_184, "L": 456_810_512}
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_preset_parameter_counts_match_the_formula(name):
     width, depth, heads = PRESETS[name]
-    for channels, classes in (({"image": 16}, 1000), ({"image": 16, "audio": 8}, 0)):
+    for channels, classes in (({"image": 16}, 10), ({"image": 16}, 1000), ({"image": 16, "audio": 8}, 0)):
         cfg = ModelConfig.preset(name, channels=channels, num_classes=classes)
         assert (cfg.width, cfg.depth, cfg.heads) == (width, depth, heads)
         with torch.device("meta"):  # counts only: no memory, no init time
             model = FlowTransformer(cfg)
         assert model.num_parameters() == _analytic_parameters(width, depth, channels, classes)
-    assert _analytic_parameters(width, depth, {"image": 16}, 1000) == README_PARAMETERS[name]
+    assert _analytic_parameters(width, depth, {"image": 16}, 10) == README_PARAMETERS[name]
 
 
 def test_dit_init_zeroes_adaln_and_output_so_the_initial_velocity_is_exactly_zero():
