@@ -25,7 +25,6 @@ and, for full runs, ``benchmarks/RESULTS.md`` (the table and the command that ma
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -44,6 +43,7 @@ import torch
 from selfflow.core.distill import EMAConfig, EMATeacher
 from selfflow.core.model import FlowTransformer, ModelConfig
 from selfflow.core.objectives import FlowMatching, SelfFlow
+from selfflow.core.runtime import tune_cpu_allocator
 from selfflow.core.train_step import TrainState, train_step
 from selfflow.core.types import Segment, TokenBatch, grid_positions
 
@@ -136,22 +136,6 @@ def step_flops(setup: Setup, method: Method, *, student_layer: int, teacher_laye
 
 
 # ----------------------------------------------------------------------------- environment
-
-
-def tune_cpu_allocator() -> bool:
-    """Keep freed memory in the process (glibc ``mallopt``): a step allocates and frees
-    hundreds of multi-megabyte activations, and by default glibc returns them to the
-    kernel and page-faults them back in on the next allocation (measured here: ~10^5 minor
-    faults per step, several percent of a step). Returns False where it does not apply."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1
-    return bool(ok and libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1)
 
 
 class OtherLoad:

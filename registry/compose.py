@@ -22,6 +22,7 @@ from selfflow.core.distill import EMAConfig, EMATeacher
 from selfflow.core.loop import Loop, LoopConfig, warmup_schedule
 from selfflow.core.model import PRESETS, FlowTransformer, ModelConfig
 from selfflow.core.objectives import ExternalAlignment, FlowMatching, SelfFlow, SelfFlowConfig
+from selfflow.core.runtime import tune_cpu_allocator
 from selfflow.core.timesteps import (
     DualTimestepScheduler,
     GapTeacher,
@@ -318,6 +319,8 @@ def build_run(
         dev = pick_device("auto") if shard.world == 1 else dev
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
+    if cfg.run.tune_allocator and dev.type == "cpu":
+        tune_cpu_allocator()
     torch.manual_seed(cfg.run.seed)
     generator = torch.Generator().manual_seed(cfg.run.seed)
 
@@ -362,7 +365,8 @@ def build_run(
     wrapped = distributed.wrap_model(model, dev)
     o = cfg.optimizer
     params = [p for p in model.parameters()] + [p for p in objective.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps,
+                                  **({"fused": True} if o.fused else {"foreach": True}))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_schedule(o.warmup_steps, cfg.run.steps, o.schedule, o.final_lr_fraction)
     )

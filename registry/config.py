@@ -48,6 +48,7 @@ class RunSection:
     output_dir: str = "runs/{name}"
     device: str = "auto"
     threads: int = attrs.field(default=0, validator=_v.ge(0))  # 0: torch's default
+    tune_allocator: bool = True  # CPU runs: keep freed memory in the process (core.runtime)
 
 
 @attrs.frozen(kw_only=True)
@@ -135,6 +136,7 @@ class OptimizerSection:
     schedule: str = attrs.field(default="constant", validator=_in("constant", "cosine"))
     final_lr_fraction: float = attrs.field(default=0.1, validator=[_v.ge(0), _v.le(1)])
     grad_clip: float = attrs.field(default=1.0, validator=_v.gt(0))
+    fused: bool = True  # torch's fused AdamW kernel (one pass per tensor); false: the foreach one
 
 
 @attrs.frozen(kw_only=True)
