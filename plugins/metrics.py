@@ -75,7 +75,25 @@ def _need_reference(metric: str, reference: Any, reference_fn: Any = None) -> Fe
 # ----------------------------------------------------------------------------- distances
 
 
-class FrechetDistance:
+class _FeatureDistance:
+    """Shared by FD and KID: a torchmetrics metric (``self._metric``) over the reference's
+    features, fed real and fake media; its ``reset()`` keeps the real features."""
+
+    reference: FeatureNetwork
+    _metric: Any
+
+    def update(self, *, real: Tensor | None = None, fake: Tensor | None = None, labels: Tensor | None = None) -> None:
+        device = self.reference.device
+        if real is not None:
+            self._metric.update(real.to(device), real=True)
+        if fake is not None:
+            self._metric.update(fake.to(device), real=False)
+
+    def reset(self) -> None:
+        self._metric.reset()
+
+
+class FrechetDistance(_FeatureDistance):
     """Fréchet distance between Gaussians fitted to reference features of real and fake
     media (torchmetrics' ``FrechetInceptionDistance`` with ``feature=`` the reference).
 
@@ -94,16 +112,6 @@ class FrechetDistance:
     @classmethod
     def from_config(cls, config: None = None, *, reference: FeatureNetwork | None = None, reference_fn=None, **context: Any) -> FrechetDistance:
         return cls(_need_reference(cls.name, reference, reference_fn))
-
-    def update(self, *, real: Tensor | None = None, fake: Tensor | None = None, labels: Tensor | None = None) -> None:
-        device = self.reference.device
-        if real is not None:
-            self._metric.update(real.to(device), real=True)
-        if fake is not None:
-            self._metric.update(fake.to(device), real=False)
-
-    def reset(self) -> None:
-        self._metric.reset()
 
     def compute(self) -> list[MetricResult]:
         n_real = int(self._metric.real_features_num_samples)
@@ -128,7 +136,7 @@ class KIDConfig:
     seed: int = 0
 
 
-class KernelDistance:
+class KernelDistance(_FeatureDistance):
     """KID through torchmetrics' ``KernelInceptionDistance`` with ``feature=`` the
     reference: results ``kid_mean`` (the mean over subsets) and ``kid_std`` (their spread,
     also in ``details["std"]``). ``reset()`` forgets the fake media only."""
@@ -154,16 +162,6 @@ class KernelDistance:
     @classmethod
     def from_config(cls, config: KIDConfig | None, *, reference: FeatureNetwork | None = None, reference_fn=None, **context: Any) -> KernelDistance:
         return cls(_need_reference(cls.name, reference, reference_fn), config)
-
-    def update(self, *, real: Tensor | None = None, fake: Tensor | None = None, labels: Tensor | None = None) -> None:
-        device = self.reference.device
-        if real is not None:
-            self._metric.update(real.to(device), real=True)
-        if fake is not None:
-            self._metric.update(fake.to(device), real=False)
-
-    def reset(self) -> None:
-        self._metric.reset()
 
     def compute(self) -> list[MetricResult]:
         n_real = sum(len(f) for f in self._metric.real_features)

@@ -81,3 +81,40 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread_module() -> Iterator[None]:
+    """``single_thread`` for a whole module (use with ``pytestmark = pytest.mark.usefixtures(...)``),
+    so module-scoped fixtures that train small networks also run on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class _Subset:
+    """The first ``n`` items of a dataset, with its own fingerprint (so caches keyed by the
+    data hash tell it apart from the whole dataset)."""
+
+    def __init__(self, base, n: int) -> None:
+        self.base, self.n = base, n
+        self.modality = getattr(base, "modality", "image")
+        self.num_classes, self.class_names = base.num_classes, base.class_names
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.base[i]
+
+    def fingerprint(self) -> str:
+        return f"{self.base.fingerprint()}[:{self.n}]"
+
+
+@pytest.fixture(scope="session")
+def subset() -> type[_Subset]:
+    """``subset(dataset, n)``: the first ``n`` items of ``dataset``."""
+    return _Subset

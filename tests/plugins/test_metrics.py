@@ -27,31 +27,9 @@ from selfflow.plugins.metrics import (
 from selfflow.plugins.protocols import Example
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
-class Subset:
-    modality = "image"
-
-    def __init__(self, base, n: int) -> None:
-        self.base, self.n = base, n
-        self.num_classes, self.class_names = base.num_classes, base.class_names
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.base[i]
-
-    def fingerprint(self) -> str:
-        return f"{self.base.fingerprint()}[:{self.n}]"
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +41,12 @@ def data():
 
 
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory):
+def reference(data, tmp_path_factory, subset):
     from selfflow.plugins.image.reference import ImageReference, ImageReferenceConfig
 
     train, evaluation = data
     cache = tmp_path_factory.getbasetemp() / "selfflow-reference-cache"  # shared with test_reference.py
-    return ImageReference.fit(Subset(train, 2000), ImageReferenceConfig(epochs=5), eval_dataset=evaluation, cache_dir=cache, progress=False)
+    return ImageReference.fit(subset(train, 2000), ImageReferenceConfig(epochs=5), eval_dataset=evaluation, cache_dir=cache, progress=False)
 
 
 def _noised(x: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:

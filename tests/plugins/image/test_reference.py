@@ -14,25 +14,6 @@ from selfflow.plugins.image.data import mnist
 from selfflow.plugins.image.reference import ImageReference, ImageReferenceConfig
 
 
-class Subset:
-    """The first ``n`` items of a dataset (with its own fingerprint)."""
-
-    modality = "image"
-
-    def __init__(self, base, n: int) -> None:
-        self.base, self.n = base, n
-        self.num_classes, self.class_names = base.num_classes, base.class_names
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.base[i]
-
-    def fingerprint(self) -> str:
-        return f"{self.base.fingerprint()}[:{self.n}]"
 
 
 # 2,000 training digits, 5 epochs: measured 0.970 held-out accuracy on the 500-digit eval
@@ -41,12 +22,7 @@ SMALL = ImageReferenceConfig(epochs=5)
 ACCURACY_BOUND = 0.95
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +31,11 @@ def data():
 
 
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory):
+def reference(data, tmp_path_factory, subset):
     train, evaluation = data
     # a session-wide cache: tests/plugins/test_metrics.py asks for the same network
     cache = tmp_path_factory.getbasetemp() / "selfflow-reference-cache"
-    return ImageReference.fit(Subset(train, 2000), SMALL, eval_dataset=evaluation, cache_dir=cache, progress=False)
+    return ImageReference.fit(subset(train, 2000), SMALL, eval_dataset=evaluation, cache_dir=cache, progress=False)
 
 
 def test_reaches_stated_accuracy_on_held_out_digits(reference, data):
@@ -72,17 +48,17 @@ def test_reaches_stated_accuracy_on_held_out_digits(reference, data):
     assert reference.describe()["reference_accuracy"] == reference.accuracy
 
 
-def test_registry_factory_trains_on_train_and_scores_on_eval(reference, data, tmp_path_factory):
+def test_registry_factory_trains_on_train_and_scores_on_eval(reference, data, tmp_path_factory, subset):
     train, evaluation = data
     cache = tmp_path_factory.getbasetemp() / "selfflow-reference-cache"
-    built = ImageReference.from_config(SMALL, dataset=evaluation, train_dataset=Subset(train, 2000), cache_dir=cache,
+    built = ImageReference.from_config(SMALL, dataset=evaluation, train_dataset=subset(train, 2000), cache_dir=cache,
                                        device="cpu", progress=False, tokenizer=None)
     assert built.from_cache and built.meta["key"] == reference.meta["key"]
 
 
-def test_trains_once_then_hits_the_cache(data, tmp_path):
+def test_trains_once_then_hits_the_cache(data, tmp_path, subset):
     train, _ = data
-    small, config = Subset(train, 300), ImageReferenceConfig(epochs=1, widths=(8, 16), features=32)
+    small, config = subset(train, 300), ImageReferenceConfig(epochs=1, widths=(8, 16), features=32)
     state = torch.random.get_rng_state()
     first = ImageReference.fit(small, config, cache_dir=tmp_path, progress=False)
     assert torch.equal(torch.random.get_rng_state(), state), "training must not move the caller's RNG"
@@ -142,8 +118,8 @@ def test_wrong_image_size_says_how_to_fix(reference):
         reference.features(torch.zeros(2, 1, 28, 28))
 
 
-def test_unlabelled_data_is_refused(data):
-    unlabelled = Subset(data[0], 10)
+def test_unlabelled_data_is_refused(data, subset):
+    unlabelled = subset(data[0], 10)
     unlabelled.num_classes = 0
     with pytest.raises(ValueError, match="labelled dataset"):
         ImageReference.fit(unlabelled, progress=False)

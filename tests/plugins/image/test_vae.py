@@ -52,13 +52,7 @@ class Blobs:
 TINY = ImageVAEConfig(base_channels=8, steps=1, batch_size=4, holdout=2, stats_items=8, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These convolutions are small: one thread is faster than two on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")
