@@ -6,6 +6,8 @@ checkpoints.
     python -m selfflow.benchmarks.image_methods                 # default profile (~60 min, 2 CPU cores)
     python -m selfflow.benchmarks.image_methods --profile size  # a larger model (hours)
     selfflow bench image-methods --profile quick                # seconds: checks the pipeline
+    python -m selfflow.benchmarks.image_methods --from benchmarks/results/image-methods-default \
+        --set sampler.cfg_scale=1 --out benchmarks/results/image-methods-default-nocfg  # re-evaluate, no training
 
 Writes ``results.json``, ``results.md`` (mean ± std over seeds) and ``metrics.png`` into
 ``--out`` (default ``benchmarks/results/image-methods-<profile>/``).
@@ -129,6 +131,44 @@ def run_one(method: str, seed: int, profile: Profile, out: Path, extra: list[str
     }
 
 
+def reeval_one(method: str, seed: int, profile: Profile, sources: list[Path], out: Path, extra: list[str]) -> dict[str, Any]:
+    """Evaluate the checkpoints an earlier invocation wrote (``sources``: its ``--out``
+    directories) at the profile's steps, with ``extra`` overrides (e.g. sampler settings)
+    on top of the config each checkpoint recorded. Trains nothing."""
+    from selfflow.core.checkpoint import read_state
+    from selfflow.registry.compose import build_run
+    from selfflow.registry.config import MetricSpec, load_config
+    from selfflow.registry.evaluate import evaluate
+
+    found = [d for d in sources if (d / method / f"seed{seed}" / "checkpoints").is_dir()]
+    if not found:
+        raise SystemExit(f"--from: no {method}/seed{seed}/checkpoints in {', '.join(map(str, sources))}")
+    source = found[0]
+    earlier = [r for r in json.loads((source / "runs.json").read_text()) if r["method"] == method and r["seed"] == seed]
+    rows, report = [], None
+    for step in profile.eval_at:
+        ckpt = source / method / f"seed{seed}" / "checkpoints" / f"step_{step:07d}"
+        if not ckpt.is_dir():
+            raise SystemExit(f"--from: {ckpt} is missing (the earlier run kept no checkpoint at step {step})")
+        recorded = read_state(ckpt)["extra"]["config_toml"]
+        cfg = load_config(recorded, ["output.progress=false", *extra], source=f"checkpoint {ckpt}")
+        run = build_run(cfg, resume=ckpt, out_dir=out / method / f"seed{seed}")
+        specs = [MetricSpec(name="class-accuracy"), MetricSpec(name="fd"), MetricSpec(name="kid")]
+        report = evaluate(run, metrics=specs, num_samples=profile.eval_samples, seed=10_000 + seed)
+        rows.append({"step": step, **report.results})
+        print(f"  {method} seed {seed} step {step} (from {ckpt}): "
+              + ", ".join(f"{k} {v:.4f}" for k, v in report.results.items()), file=sys.stderr, flush=True)
+    return {
+        "method": method,
+        "seed": seed,
+        "rows": rows,
+        "ms_per_step": earlier[0]["ms_per_step"] if earlier else float("nan"),
+        "parameters": run.teacher.num_parameters(),
+        "protocol": report.protocol,
+        "source": str(source),
+    }
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
@@ -206,10 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, help="override the profile's seeds")
     p.add_argument("--out", help="output directory")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override (repeatable)")
+    p.add_argument("--from", dest="sources", nargs="+", metavar="DIR",
+                   help="train nothing: re-evaluate the checkpoints earlier invocations wrote into these --out "
+                        "directories, with --set overrides (e.g. sampler.cfg_scale=1) on top of their recorded configs")
     p.add_argument("--aggregate", nargs="+", metavar="DIR",
                    help="train nothing: merge the runs.json of earlier invocations (e.g. seeds run in parallel) into --out")
     args = p.parse_args(argv)
 
+    if args.sources and args.aggregate:
+        p.error("--from and --aggregate exclude each other: re-evaluate first, then merge the --out directories")
     profile = PROFILES[args.profile]
     if args.methods:
         profile = attrs.evolve(profile, methods=tuple(args.methods))
@@ -233,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         runs.sort(key=lambda r: (r["seed"], profile.methods.index(r["method"])))
     jobs = [] if args.aggregate else [(s, m) for s in profile.seeds for m in profile.methods]
     for seed, method in tqdm(jobs, desc="image-methods", unit="run", disable=not jobs):
-        runs.append(run_one(method, seed, profile, out, args.overrides))
+        if args.sources:
+            runs.append(reeval_one(method, seed, profile, [Path(d) for d in args.sources], out, args.overrides))
+        else:
+            runs.append(run_one(method, seed, profile, out, args.overrides))
         (out / "runs.json").write_text(json.dumps(runs, indent=1, default=str))
     agg = aggregate(runs, profile)
     proto = runs[-1]["protocol"]
@@ -249,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         "wall_minutes": round((time.perf_counter() - t0) / 60, 1),
     }
     md = markdown(agg, profile, args.profile, command, meta)
+    if args.sources:
+        md += (f"\nRe-evaluated (nothing trained) from the checkpoints in {', '.join(args.sources)}; "
+               "ms/step are those of the training runs.\n")
     if not args.aggregate:
         md += f"\nWall time of the whole benchmark: {meta['wall_minutes']} min.\n"
     else:

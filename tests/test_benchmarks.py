@@ -21,6 +21,18 @@ def test_image_methods_quick_profile(tmp_path, monkeypatch):
     assert "| self-flow | 20 |" in md and "ms/step" in md
     assert (out / "metrics.png").stat().st_size > 10_000
 
+    # --from: the same checkpoints re-evaluated under another sampler setting, nothing trained
+    again = tmp_path / "no-cfg"
+    assert image_methods.main(["--profile", "quick", "--methods", "flow-matching", "self-flow", "--from", str(out),
+                               "--set", "sampler.cfg_scale=1", "--out", str(again)]) == 0
+    redo = json.loads((again / "results.json").read_text())["runs"]
+    assert [r["method"] for r in redo] == ["flow-matching", "self-flow"]
+    for r, first in zip(redo, data["runs"][:2]):
+        assert r["protocol"]["cfg_scale"] == 1.0 and first["protocol"]["cfg_scale"] == 2.0
+        assert r["ms_per_step"] == first["ms_per_step"] and [row["step"] for row in r["rows"]] == [10, 20]
+        assert not (again / r["method"] / "seed0" / "checkpoints").exists()  # evaluation writes no checkpoint
+    assert "Re-evaluated (nothing trained)" in (again / "results.md").read_text()
+
 
 def test_image_methods_aggregate_merges_parallel_invocations(tmp_path, monkeypatch):
     runs = [{"method": m, "seed": s, "rows": [{"step": 10, "class_accuracy": 0.5 + s / 10, "fd": 1.0 + s},
