@@ -140,16 +140,19 @@ def reeval_one(method: str, seed: int, profile: Profile, sources: list[Path], ou
     from selfflow.registry.config import MetricSpec, load_config
     from selfflow.registry.evaluate import evaluate
 
-    found = [d for d in sources if (d / method / f"seed{seed}" / "checkpoints").is_dir()]
+    def checkpoint(d: Path, step: int) -> Path:
+        return d / method / f"seed{seed}" / "checkpoints" / f"step_{step:07d}"
+
+    # the first directory holding every checkpoint this run needs (an interrupted run elsewhere may hold some)
+    found = [d for d in sources if all(checkpoint(d, step).is_dir() for step in profile.eval_at)]
     if not found:
-        raise SystemExit(f"--from: no {method}/seed{seed}/checkpoints in {', '.join(map(str, sources))}")
+        raise SystemExit(f"--from: no directory among {', '.join(map(str, sources))} holds the checkpoints of "
+                         f"{method} seed {seed} at steps {list(profile.eval_at)}")
     source = found[0]
     earlier = [r for r in json.loads((source / "runs.json").read_text()) if r["method"] == method and r["seed"] == seed]
     rows, report = [], None
     for step in profile.eval_at:
-        ckpt = source / method / f"seed{seed}" / "checkpoints" / f"step_{step:07d}"
-        if not ckpt.is_dir():
-            raise SystemExit(f"--from: {ckpt} is missing (the earlier run kept no checkpoint at step {step})")
+        ckpt = checkpoint(source, step)
         recorded = read_state(ckpt)["extra"]["config_toml"]
         cfg = load_config(recorded, ["output.progress=false", *extra], source=f"checkpoint {ckpt}")
         run = build_run(cfg, resume=ckpt, out_dir=out / method / f"seed{seed}")

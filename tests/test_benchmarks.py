@@ -23,13 +23,15 @@ def test_image_methods_quick_profile(tmp_path, monkeypatch):
 
     # --from: the same checkpoints re-evaluated under another sampler setting, nothing trained
     again = tmp_path / "no-cfg"
-    assert image_methods.main(["--profile", "quick", "--methods", "flow-matching", "self-flow", "--from", str(out),
+    partial = tmp_path / "interrupted"  # holds step 10 only: skipped for the directory that has every step
+    (partial / "flow-matching" / "seed0" / "checkpoints" / "step_0000010").mkdir(parents=True)
+    assert image_methods.main(["--profile", "quick", "--methods", "flow-matching", "self-flow", "--from", str(partial), str(out),
                                "--set", "sampler.cfg_scale=1", "--out", str(again)]) == 0
     redo = json.loads((again / "results.json").read_text())["runs"]
     assert [r["method"] for r in redo] == ["flow-matching", "self-flow"]
     for r, first in zip(redo, data["runs"][:2]):
         assert r["protocol"]["cfg_scale"] == 1.0 and first["protocol"]["cfg_scale"] == 2.0
-        assert r["ms_per_step"] == first["ms_per_step"] and [row["step"] for row in r["rows"]] == [10, 20]
+        assert r["source"] == str(out) and r["ms_per_step"] == first["ms_per_step"] and [row["step"] for row in r["rows"]] == [10, 20]
         assert not (again / r["method"] / "seed0" / "checkpoints").exists()  # evaluation writes no checkpoint
     assert "Re-evaluated (nothing trained)" in (again / "results.md").read_text()
 
