@@ -216,7 +216,7 @@ def markdown(agg: dict[str, Any], profile: Profile, name: str, command: str, met
             for k in keys:
                 mean, std = agg["table"][m][step].get(k, (float("nan"), float("nan")))
                 cells.append("–" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}")
-            speed = f"{ms:.0f} ({ms / base:.2f}x)" if step == last and not math.isnan(base) else ""
+            speed = "" if step != last else f"{ms:.0f}" + ("" if math.isnan(base) else f" ({ms / base:.2f}x)")
             lines.append(f"| {m} | {step} | " + " | ".join(cells) + f" | {speed} |")
     return "\n".join(lines) + "\n"
 
