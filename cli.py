@@ -142,7 +142,7 @@ def _run_from_checkpoint(path: str, sampler: str | None, steps: int | None):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from selfflow.registry.config import MetricSpec
-    from selfflow.registry.evaluate import evaluate, write_report
+    from selfflow.registry.evaluate import conditioning_classes, evaluate, write_report
 
     run, cfg = _run_from_checkpoint(args.checkpoint, args.sampler, args.steps)
     if args.metric:
@@ -151,7 +151,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         specs = list(cfg.eval.metrics)
     else:
         specs = [MetricSpec(name=m) for m in ("class-accuracy", "fd", "kid", "linear-probe")]
-        if run.teacher.cfg.num_classes == 0:
+        if conditioning_classes(run, next(iter(run.modalities))) == 0:
             specs = [s for s in specs if s.name != "class-accuracy"]
     report = evaluate(run, metrics=specs, num_samples=args.samples, seed=args.seed, cfg_scale=args.cfg)
     path = write_report(report, run.out_dir / "eval")

@@ -43,6 +43,19 @@ def balanced_labels(num_classes: int, n: int) -> torch.Tensor:
     return torch.arange(n) % num_classes
 
 
+def conditioning_classes(run: Run, modality: str) -> int:
+    """How many classes evaluation balances its samples over: the model's classes when it is
+    class-conditional; for a condition segment (e.g. text) on labelled data, the data's
+    classes (sample ``i`` then gets the condition of a real item of class ``labels[i]``, so
+    class accuracy and legibility know what each sample should show); else 0."""
+    if run.teacher.cfg.num_classes:
+        return run.teacher.cfg.num_classes
+    mod = run.modalities[modality]
+    if mod.condition is not None and mod.encoded.labels is not None and len(mod.encoded.labels):
+        return int(mod.encoded.labels.max()) + 1
+    return 0
+
+
 def _real_media(dataset, n: int) -> Any:
     return stack_media([dataset[i].media for i in range(min(n, len(dataset)))])
 
@@ -80,7 +93,7 @@ def evaluate(
     seed = cfg.eval.seed if seed is None else seed
     modality = next(iter(run.modalities))
     mod = run.modalities[modality]
-    k = run.teacher.cfg.num_classes
+    k = conditioning_classes(run, modality)
 
     t0 = time.perf_counter()
     fakes, labels = [], None
@@ -126,7 +139,8 @@ def evaluate(
         "cfg_scale": s.cfg_scale if cfg_scale is None else cfg_scale,
         "guidance_interval": [s.cfg_low, s.cfg_high],
         "num_samples": n,
-        "labels": "balanced over classes" if k > 0 else "unconditional",
+        "labels": ("unconditional" if k == 0 else "balanced over classes" if run.teacher.cfg.num_classes
+                   else f"balanced over the {k} classes, each sample conditioned on the text of a real item of its class"),
         "sample_seeds": f"{seed}..{seed + (n - 1) // chunk}",
         "real_samples": len(real),
         "sampling_seconds": round(sample_time, 1),

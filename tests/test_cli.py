@@ -74,3 +74,26 @@ def test_eval_writes_numbers_with_their_protocol(tmp_path, monkeypatch, capsys):
     assert proto["reference_network"]["reference_accuracy"] > 0.8  # the 8x8 digits classifier
     assert cli.main(["eval", str(out), "--metric", "fid"]) == 2
     assert "did you mean 'fd'" in capsys.readouterr().err
+
+
+def test_eval_of_a_text_conditioned_run_knows_the_words(tmp_path, monkeypatch):
+    """Text-to-image (``image/glyphs`` + ``text/chars``): evaluation conditions sample i on
+    the text of a real item of class i mod K, so legibility reads each against its word."""
+    import json
+    import shutil
+
+    import pytest
+
+    if shutil.which("tesseract") is None:
+        pytest.skip("tesseract is not installed (apt-get install tesseract-ocr)")
+    monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "glyphs"
+    tiny = ["run.steps=2", "run.batch_size=8", "output.progress=false", "model.width=32", "model.depth=2",
+            "model.heads=2", "modalities.image.dataset_options={size = 32, channels = 1, num_train = 40, num_eval = 20}"]
+    assert cli.main(["train", "image/glyphs-selfflow", "--out", str(out), *[a for o in tiny for a in ("--set", o)]]) == 0
+    assert cli.main(["eval", str(out), "--samples", "20", "--metric", "image/legibility"]) == 0
+    report = json.loads((out / "eval" / "eval_step_0000002.json").read_text())
+    assert set(report["results"]) == {"legibility/word_accuracy", "legibility/char_accuracy"}
+    assert report["details"]["legibility/word_accuracy"]["num_images"] == 20
+    assert 0.0 <= report["results"]["legibility/char_accuracy"] <= 1.0
+    assert "conditioned on the text" in report["protocol"]["labels"]
