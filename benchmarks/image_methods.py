@@ -155,7 +155,7 @@ def reeval_one(method: str, seed: int, profile: Profile, sources: list[Path], ou
         ckpt = checkpoint(source, step)
         recorded = read_state(ckpt)["extra"]["config_toml"]
         cfg = load_config(recorded, ["output.progress=false", *extra], source=f"checkpoint {ckpt}")
-        run = build_run(cfg, resume=ckpt, out_dir=out / method / f"seed{seed}")
+        run = build_run(cfg, resume=ckpt, out_dir=out / method / f"seed{seed}", record=False)
         specs = [MetricSpec(name="class-accuracy"), MetricSpec(name="fd"), MetricSpec(name="kid")]
         report = evaluate(run, metrics=specs, num_samples=profile.eval_samples, seed=10_000 + seed)
         rows.append({"step": step, **report.results})

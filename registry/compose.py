@@ -309,9 +309,12 @@ def build_run(
     device: str | None = None,
     resume: str | Path | None = None,
     out_dir: str | Path | None = None,
+    record: bool = True,
 ) -> Run:
     """Compose datasets, tokenizers, model, EMA teacher, objective, optimiser, data source,
-    sampler and callbacks from ``config``; ``resume`` restores a checkpoint into them."""
+    sampler and callbacks from ``config``; ``resume`` restores a checkpoint into them.
+    ``record``: write ``config.toml`` into the run directory; evaluation and sampling pass
+    False, so their overrides (another sampler, say) never rewrite what the run recorded."""
     regs = registries or default_registries()
     cfg = config
     shard, dev = distributed.init_distributed(device or (None if cfg.run.device == "auto" else cfg.run.device))
@@ -395,7 +398,7 @@ def build_run(
     run_ref.append(run)
     if resume is not None:
         loop.resume(resume)
-    if shard.is_main:
+    if shard.is_main and record:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(cfg))
     return run

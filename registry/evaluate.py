@@ -82,9 +82,15 @@ def evaluate(
     cfg_scale: float | None = None,
     reference: Any = None,
     chunk: int = 250,
+    real_data: bool = False,
 ) -> EvalReport:
     """Sample ``num_samples`` (class-balanced when the model is class-conditional) from the
-    EMA model and run ``metrics`` (default: the run's ``[eval] metrics``)."""
+    EMA model and run ``metrics`` (default: the run's ``[eval] metrics``).
+
+    ``real_data``: score ``num_samples`` held-out real items in place of samples, with their
+    own labels, and compare them with as many *training* items for FD/KID: the ceiling the
+    samples are measured against (e.g. tesseract's legibility of real renders, the
+    reference classifier's held-out accuracy, the FD between two real sets of this size)."""
     cfg = run.config
     specs = list(metrics if metrics is not None else cfg.eval.metrics)
     if not specs:
@@ -97,7 +103,13 @@ def evaluate(
 
     t0 = time.perf_counter()
     fakes, labels = [], None
-    if k > 0:
+    if real_data:
+        n = min(n, len(mod.eval))
+        items = [mod.eval[i] for i in range(n)]
+        fakes.append(stack_media([it.media for it in items]))
+        if k > 0:
+            labels = torch.tensor([int(it.label) for it in items])
+    elif k > 0:
         labels = balanced_labels(k, n)
         for i, start in enumerate(range(0, n, chunk)):
             fakes.append(run.sample(labels[start:start + chunk], seed=seed + i, cfg_scale=cfg_scale).cpu())
@@ -106,7 +118,7 @@ def evaluate(
             fakes.append(run.sample(None, n=min(chunk, n - start), seed=seed + i, cfg_scale=cfg_scale).cpu())
     fake = torch.cat(fakes)
     sample_time = time.perf_counter() - t0
-    real = _real_media(mod.eval, n)
+    real = _real_media(mod.train if real_data else mod.eval, n)
 
     built: list[Any] = [reference]
 
@@ -125,6 +137,8 @@ def evaluate(
         if hasattr(metric, "update"):
             metric.update(real=real, fake=fake, labels=labels)
             out = metric.compute()
+        elif real_data:
+            raise ValueError(f"metric {spec.name!r} measures the model, not media: it has no real-data ceiling (drop it with --real)")
         else:  # needs the model itself (linear probe)
             out = metric(run.teacher, tokenizer=mod.tokenizer, train_dataset=mod.train, eval_dataset=mod.eval)
         for r in out:
@@ -132,6 +146,16 @@ def evaluate(
             details[r.name] = dict(r.details)
 
     s = cfg.sampler
+    if real_data:
+        protocol: dict[str, Any] = {
+            "model": "none: real held-out items scored in place of samples (the metrics' ceiling)",
+            "num_samples": n,
+            "labels": "the items' own" if labels is not None else "none",
+            "real_samples": f"{len(real)} training items (what FD/KID compare the held-out items with)",
+        }
+        if built[0] is not None and hasattr(built[0], "describe"):
+            protocol["reference_network"] = built[0].describe()
+        return EvalReport(step=run.state.step, results=results, protocol=protocol, details=details)
     protocol = {
         "model": "EMA (teacher) weights",
         "sampler": s.name,
@@ -150,10 +174,12 @@ def evaluate(
     return EvalReport(step=run.state.step, results=results, protocol=protocol, details=details)
 
 
-def write_report(report: EvalReport, directory: str | Path) -> Path:
+def write_report(report: EvalReport, directory: str | Path, *, stem: str | None = None) -> Path:
+    """``<directory>/<stem>.{json,md}``, by default ``eval_step_<step>``; returns the ``.md``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"eval_step_{report.step:07d}.json").write_text(json.dumps(report.as_dict(), indent=1, default=str))
-    path = directory / f"eval_step_{report.step:07d}.md"
+    stem = stem or f"eval_step_{report.step:07d}"
+    (directory / f"{stem}.json").write_text(json.dumps(report.as_dict(), indent=1, default=str))
+    path = directory / f"{stem}.md"
     path.write_text(report.markdown())
     return path

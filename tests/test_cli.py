@@ -72,6 +72,9 @@ def test_eval_writes_numbers_with_their_protocol(tmp_path, monkeypatch, capsys):
     proto = report["protocol"]
     assert proto["num_samples"] == 30 and proto["sampler"] == "ode/euler" and proto["cfg_scale"] == 1.5
     assert proto["reference_network"]["reference_accuracy"] > 0.8  # the 8x8 digits classifier
+    recorded = (out / "config.toml").read_text()
+    assert cli.main(["eval", str(out), "--samples", "10", "--metric", "fd", "--sampler", "ode/heun", "--steps", "3"]) == 0
+    assert (out / "config.toml").read_text() == recorded  # evaluating with another sampler rewrites nothing the run recorded
     assert cli.main(["eval", str(out), "--metric", "fid"]) == 2
     assert "did you mean 'fd'" in capsys.readouterr().err
 
@@ -97,3 +100,8 @@ def test_eval_of_a_text_conditioned_run_knows_the_words(tmp_path, monkeypatch):
     assert report["details"]["legibility/word_accuracy"]["num_images"] == 20
     assert 0.0 <= report["results"]["legibility/char_accuracy"] <= 1.0
     assert "conditioned on the text" in report["protocol"]["labels"]
+    # --real: the same metric on real held-out renders, the ceiling the samples are read against
+    assert cli.main(["eval", str(out), "--samples", "20", "--metric", "image/legibility", "--real"]) == 0
+    ceiling = json.loads((out / "eval" / "eval_real_data.json").read_text())
+    assert ceiling["results"]["legibility/word_accuracy"] >= 0.85  # measured 0.95 on these 20 (tesseract 5.3.0)
+    assert ceiling["protocol"]["model"].startswith("none: real held-out items")
