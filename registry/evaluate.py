@@ -153,22 +153,20 @@ def evaluate(
             "labels": "the items' own" if labels is not None else "none",
             "real_samples": f"{len(real)} training items (what FD/KID compare the held-out items with)",
         }
-        if built[0] is not None and hasattr(built[0], "describe"):
-            protocol["reference_network"] = built[0].describe()
-        return EvalReport(step=run.state.step, results=results, protocol=protocol, details=details)
-    protocol = {
-        "model": "EMA (teacher) weights",
-        "sampler": s.name,
-        "sampler_options": dict(s.options) or "defaults",
-        "cfg_scale": s.cfg_scale if cfg_scale is None else cfg_scale,
-        "guidance_interval": [s.cfg_low, s.cfg_high],
-        "num_samples": n,
-        "labels": ("unconditional" if k == 0 else "balanced over classes" if run.teacher.cfg.num_classes
-                   else f"balanced over the {k} classes, each sample conditioned on the text of a real item of its class"),
-        "sample_seeds": f"{seed}..{seed + (n - 1) // chunk}",
-        "real_samples": len(real),
-        "sampling_seconds": round(sample_time, 1),
-    }
+    else:
+        protocol = {
+            "model": "EMA (teacher) weights",
+            "sampler": s.name,
+            "sampler_options": dict(s.options) or "defaults",
+            "cfg_scale": s.cfg_scale if cfg_scale is None else cfg_scale,
+            "guidance_interval": [s.cfg_low, s.cfg_high],
+            "num_samples": n,
+            "labels": ("unconditional" if k == 0 else "balanced over classes" if run.teacher.cfg.num_classes
+                       else f"balanced over the {k} classes, each sample conditioned on the text of a real item of its class"),
+            "sample_seeds": f"{seed}..{seed + (n - 1) // chunk}",
+            "real_samples": len(real),
+            "sampling_seconds": round(sample_time, 1),
+        }
     if built[0] is not None and hasattr(built[0], "describe"):
         protocol["reference_network"] = built[0].describe()
     return EvalReport(step=run.state.step, results=results, protocol=protocol, details=details)
