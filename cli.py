@@ -78,13 +78,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from selfflow.registry.compose import build_run, resolve_config, write_summary
-    from selfflow.core.checkpoint import read_state
-    from selfflow.registry.config import load_config
+    from selfflow.registry.compose import build_run, recorded_config, resolve_config, write_summary
 
     if args.resume and not (args.run or args.config):
-        state = read_state(args.resume)  # the run's own config, with any new overrides
-        cfg = load_config(state["extra"]["config_toml"], args.overrides, source=f"checkpoint {args.resume}")
+        cfg = recorded_config(args.resume, args.overrides)  # the run's own config, with any new overrides
     else:
         cfg = resolve_config(args.run, config_file=args.config, overrides=args.overrides)
     run = build_run(cfg, device=args.device, resume=args.resume, out_dir=args.out)
@@ -127,18 +124,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _run_from_checkpoint(path: str, sampler: str | None, steps: int | None):
-    from selfflow.core.checkpoint import read_state, resolve
-    from selfflow.registry.compose import build_run
-    from selfflow.registry.config import load_config
+    from selfflow.core.checkpoint import resolve
+    from selfflow.registry.compose import build_run, recorded_config
 
     ckpt = resolve(path)
-    state = read_state(ckpt)
     overrides = ["output.progress=false"]
     if sampler:
         overrides.append(f'sampler.name="{sampler}"')
     if steps:
         overrides.append(f"sampler.options.steps={steps}")
-    cfg = load_config(state["extra"]["config_toml"], overrides, source=f"checkpoint {ckpt}")
+    cfg = recorded_config(ckpt, overrides)
     return build_run(cfg, resume=ckpt, record=False), cfg
 
 

@@ -100,10 +100,20 @@ PROFILES = {
 METRICS = ("class_accuracy", "fd", "kid_mean")
 
 
+def score(run, profile: Profile, seed: int, *, probe: bool):
+    """One evaluation of ``run``'s EMA model: the same metrics and sample seeds for every method."""
+    from selfflow.registry.config import MetricSpec
+    from selfflow.registry.evaluate import evaluate
+
+    specs = [MetricSpec(name="class-accuracy"), MetricSpec(name="fd"), MetricSpec(name="kid")]
+    if probe:
+        specs.append(MetricSpec(name="linear-probe"))
+    return evaluate(run, metrics=specs, num_samples=profile.eval_samples, seed=10_000 + seed)
+
+
 def run_one(method: str, seed: int, profile: Profile, out: Path, extra: list[str]) -> dict[str, Any]:
     from selfflow.registry.compose import build_run
-    from selfflow.registry.config import MetricSpec, load_config
-    from selfflow.registry.evaluate import evaluate
+    from selfflow.registry.config import load_config
 
     overrides = [*profile.overrides, *METHODS[method], f"run.seed={seed}", f"run.steps={profile.steps}", *extra]
     cfg = load_config(BASE, overrides, source="image-methods benchmark")
@@ -114,10 +124,7 @@ def run_one(method: str, seed: int, profile: Profile, out: Path, extra: list[str
         t0 = time.perf_counter()
         run.train(until=step)
         train_time += time.perf_counter() - t0
-        specs = [MetricSpec(name="class-accuracy"), MetricSpec(name="fd"), MetricSpec(name="kid")]
-        if profile.probe and step == profile.eval_at[-1]:
-            specs.append(MetricSpec(name="linear-probe"))
-        report = evaluate(run, metrics=specs, num_samples=profile.eval_samples, seed=10_000 + seed)
+        report = score(run, profile, seed, probe=profile.probe and step == profile.eval_at[-1])
         rows.append({"step": step, **report.results})
         print(f"  {method} seed {seed} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in report.results.items()),
               file=sys.stderr, flush=True)
@@ -134,11 +141,9 @@ def run_one(method: str, seed: int, profile: Profile, out: Path, extra: list[str
 def reeval_one(method: str, seed: int, profile: Profile, sources: list[Path], out: Path, extra: list[str]) -> dict[str, Any]:
     """Evaluate the checkpoints an earlier invocation wrote (``sources``: its ``--out``
     directories) at the profile's steps, with ``extra`` overrides (e.g. sampler settings)
-    on top of the config each checkpoint recorded. Trains nothing."""
-    from selfflow.core.checkpoint import read_state
-    from selfflow.registry.compose import build_run
-    from selfflow.registry.config import MetricSpec, load_config
-    from selfflow.registry.evaluate import evaluate
+    on top of the config each checkpoint recorded. Trains nothing; the run (data, tokenizer,
+    model) is built once and each checkpoint loaded into it."""
+    from selfflow.registry.compose import build_run, recorded_config
 
     def checkpoint(d: Path, step: int) -> Path:
         return d / method / f"seed{seed}" / "checkpoints" / f"step_{step:07d}"
@@ -150,14 +155,15 @@ def reeval_one(method: str, seed: int, profile: Profile, sources: list[Path], ou
                          f"{method} seed {seed} at steps {list(profile.eval_at)}")
     source = found[0]
     earlier = [r for r in json.loads((source / "runs.json").read_text()) if r["method"] == method and r["seed"] == seed]
-    rows, report = [], None
+    rows, report, run = [], None, None
     for step in profile.eval_at:
         ckpt = checkpoint(source, step)
-        recorded = read_state(ckpt)["extra"]["config_toml"]
-        cfg = load_config(recorded, ["output.progress=false", *extra], source=f"checkpoint {ckpt}")
-        run = build_run(cfg, resume=ckpt, out_dir=out / method / f"seed{seed}", record=False)
-        specs = [MetricSpec(name="class-accuracy"), MetricSpec(name="fd"), MetricSpec(name="kid")]
-        report = evaluate(run, metrics=specs, num_samples=profile.eval_samples, seed=10_000 + seed)
+        cfg = recorded_config(ckpt, ["output.progress=false", *extra])
+        if run is None or cfg != run.config:  # checkpoints of one run record one config
+            run = build_run(cfg, resume=ckpt, out_dir=out / method / f"seed{seed}", record=False)
+        else:
+            run.loop.resume(ckpt)
+        report = score(run, profile, seed, probe=False)
         rows.append({"step": step, **report.results})
         print(f"  {method} seed {seed} step {step} (from {ckpt}): "
               + ", ".join(f"{k} {v:.4f}" for k, v in report.results.items()), file=sys.stderr, flush=True)

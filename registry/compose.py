@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -402,6 +403,15 @@ def build_run(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(cfg))
     return run
+
+
+def recorded_config(checkpoint: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """The config a checkpoint recorded (verified against its manifest), with ``overrides``
+    (``KEY=VALUE``) on top: how resuming, sampling and evaluation rebuild a run."""
+    from selfflow.core.checkpoint import read_state
+
+    state = read_state(checkpoint)
+    return load_config(state["extra"]["config_toml"], list(overrides), source=f"checkpoint {checkpoint}")
 
 
 def _run_dir_of(path: Path) -> Path:

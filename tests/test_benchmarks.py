@@ -35,6 +35,16 @@ def test_image_methods_quick_profile(tmp_path, monkeypatch):
         assert not (again / r["method"] / "seed0" / "checkpoints").exists()  # evaluation writes no checkpoint
     assert "Re-evaluated (nothing trained)" in (again / "results.md").read_text()
 
+    # without overrides, re-evaluating (the run built once, each checkpoint loaded into it)
+    # reproduces the numbers measured during training
+    same = tmp_path / "same"
+    assert image_methods.main(["--profile", "quick", "--methods", "self-flow", "--from", str(out), "--out", str(same)]) == 0
+    (redo,) = json.loads((same / "results.json").read_text())["runs"]
+    trained = data["runs"][1]
+    assert trained["method"] == "self-flow"
+    for a, b in zip(redo["rows"], trained["rows"], strict=True):
+        assert {k: a[k] for k in ("step", "class_accuracy", "fd", "kid_mean")} == {k: b[k] for k in ("step", "class_accuracy", "fd", "kid_mean")}
+
 
 def test_image_methods_aggregate_merges_parallel_invocations(tmp_path, monkeypatch):
     runs = [{"method": m, "seed": s, "rows": [{"step": 10, "class_accuracy": 0.5 + s / 10, "fd": 1.0 + s},
