@@ -44,12 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=8, help="samples per label (or in all, unconditional)")
     s.add_argument("--labels", help="comma-separated class ids (default: every class)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", help="output PNG (default: RUN/samples-cli.png)")
+    s.add_argument("--stream", help="sample only this stream (default: every stream)")
+    s.add_argument("--out", help="output directory for the writers' files and samples.html (default: RUN/samples-cli/)")
 
     e = sub.add_parser("eval", help="compute a run's metrics from a checkpoint's EMA model")
     e.add_argument("checkpoint", help="a run directory or a checkpoint directory")
     e.add_argument("--metric", action="append", default=[], metavar="NAME",
-                   help="a registered metric (repeatable; default: the run's [eval] metrics, else fd, kid, class-accuracy, linear-probe)")
+                   help="a registered metric or probe, NAME or NAME@MODALITY (repeatable; default: the run's [eval] metrics, "
+                        "else fd, kid, class-accuracy, linear-probe of every generated modality)")
     e.add_argument("--samples", type=int, help="number of samples (default: eval.num_samples)")
     e.add_argument("--seed", type=int, help="sampling seed (default: eval.seed)")
     e.add_argument("--cfg", type=float, help="classifier-free guidance scale")
@@ -99,27 +101,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
+    from selfflow.plugins.gallery import Gallery
+    from selfflow.registry.sampling import class_rows, write_samples
 
-    from selfflow.plugins.image.media import save_grid
-
+    if args.n < 1:
+        raise UsageError(f"--n must be at least 1, got {args.n}")
     run, cfg = _run_from_checkpoint(args.checkpoint, args.sampler, args.steps)
-    k = run.teacher.cfg.num_classes
-    if k > 0:
-        ids = list(range(k)) if not args.labels else [int(x) for x in args.labels.split(",")]
-        bad = [i for i in ids if not 0 <= i < k]
-        if bad:
-            raise UsageError(f"labels {bad} are outside 0..{k - 1}")
-        labels = torch.tensor(ids).repeat_interleave(args.n)
-        images = run.sample(labels, seed=args.seed, cfg_scale=args.cfg)
-        rows, names = len(ids), [str(run.modalities[next(iter(run.modalities))].train.class_names[i]) for i in ids]
-    else:
-        images = run.sample(None, n=args.n, seed=args.seed, cfg_scale=args.cfg)
-        rows, names = None, None
-    out = Path(args.out) if args.out else run.out_dir / "samples-cli.png"
-    save_grid(images, out, rows=rows, row_labels=names,
-              title=f"{cfg.run.name} step {run.state.step} ({cfg.sampler.name}, cfg {args.cfg or cfg.sampler.cfg_scale})")
-    print(out)
+    streams = [args.stream] if args.stream else list(run.streams)
+    unknown = [s for s in streams if s not in run.streams]
+    if unknown:
+        raise UsageError(f"--stream {unknown[0]!r}: the run's streams are {list(run.streams)}")
+    ids = [int(x) for x in args.labels.split(",")] if args.labels else None
+    out = Path(args.out) if args.out else run.out_dir / "samples-cli"
+    gallery = Gallery(out, title=f"{cfg.run.name}: samples at step {run.state.step}")
+    files = []
+    for name in streams:
+        labels = class_rows(run, run.streams[name], args.n, ids)
+        if ids is not None and labels is None:
+            raise UsageError("--labels: this run's samples have no classes (unconditional)")
+        files += write_samples(run, out, stem=f"step_{run.state.step:07d}", labels=labels, n=args.n, seed=args.seed,
+                               gallery=gallery, step=run.state.step, cfg_scale=args.cfg, streams=[name])
+    for f in files:
+        print(f.path)
+    print(out / "samples.html")
     return 0
 
 
@@ -139,19 +143,17 @@ def _run_from_checkpoint(path: str, sampler: str | None, steps: int | None):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from selfflow.registry.config import MetricSpec
-    from selfflow.registry.evaluate import conditioning_classes, evaluate, write_report
+    from selfflow.registry.evaluate import default_metrics, evaluate, write_report
 
+    if args.samples is not None and args.samples < 1:
+        raise UsageError(f"--samples must be at least 1, got {args.samples}")
     run, cfg = _run_from_checkpoint(args.checkpoint, args.sampler, args.steps)
-    if args.metric:
-        specs = [MetricSpec(name=m) for m in args.metric]
+    if args.metric:  # NAME or NAME@MODALITY
+        specs = [MetricSpec(name=m.split("@")[0], modality=m.split("@")[1] if "@" in m else None) for m in args.metric]
     elif cfg.eval.metrics:
         specs = list(cfg.eval.metrics)
     else:
-        specs = [MetricSpec(name=m) for m in ("class-accuracy", "fd", "kid", "linear-probe")]
-        if conditioning_classes(run, next(iter(run.modalities))) == 0:
-            specs = [s for s in specs if s.name != "class-accuracy"]
-        if args.real:  # the probe measures the model, not media
-            specs = [s for s in specs if s.name != "linear-probe"]
+        specs = default_metrics(run, real_data=args.real)
     report = evaluate(run, metrics=specs, num_samples=args.samples, seed=args.seed, cfg_scale=args.cfg, real_data=args.real)
     path = write_report(report, run.out_dir / "eval", stem="eval_real_data" if args.real else None)
     print(report.markdown())

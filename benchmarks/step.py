@@ -44,6 +44,7 @@ from selfflow.core.distill import EMAConfig, EMATeacher
 from selfflow.core.model import FlowTransformer, ModelConfig
 from selfflow.core.objectives import FlowMatching, SelfFlow
 from selfflow.core.runtime import tune_cpu_allocator
+from selfflow.core.timesteps import DualTimestepScheduler
 from selfflow.core.train_step import TrainState, train_step
 from selfflow.core.types import Segment, TokenBatch, grid_positions
 
@@ -217,7 +218,7 @@ def build_state(setup: Setup, method: Method, weights: dict[str, torch.Tensor], 
     model.load_state_dict(weights)  # every method starts from the same weights
     if method.objective == "self-flow":
         torch.manual_seed(setup.seed + 1)
-        objective: torch.nn.Module = SelfFlow.for_model(model)
+        objective: torch.nn.Module = SelfFlow.for_model(model, scheduler=DualTimestepScheduler(mask_ratio=0.25))
     else:
         objective = FlowMatching()
     params = list(model.parameters()) + list(objective.parameters())

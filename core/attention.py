@@ -49,9 +49,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, *, backe
             # xformers wants a (B, H, N, N) bias whose last dim is 8-aligned in memory
             pad = (-n) % 8
             bias = F.pad(bias.expand(b, h, n, n), (0, pad))[..., :n]
-        out = xops.memory_efficient_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias
-        )
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
         return out.transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 

@@ -10,8 +10,9 @@ A checkpoint is a directory ``step_0000500/``:
 - ``manifest.json``, written last: the sha256 of every file. Loading verifies it, so a
   truncated or edited file is refused instead of half-loaded.
 
-The directory is written under a temporary name and renamed into place, so a crash or a
-full disk mid-write leaves the previous checkpoint as it was.
+The directory is written under a temporary name and renamed into place
+(``core/files.atomic_directory``), so a crash or a full disk mid-write leaves the previous
+checkpoint as it was; rewriting a step replaces its directory the same way.
 """
 
 from __future__ import annotations
@@ -21,16 +22,16 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
+from selfflow.core import files
 from selfflow.core.distributed import shard
 from selfflow.core.train_step import TrainState
 
@@ -54,7 +55,7 @@ def _sha256(path: Path) -> str:
 
 
 def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    files.save_tensors(path, tensors)
 
 
 def _optimizer_split(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -86,6 +87,7 @@ def rng_state(generator: torch.Generator | None) -> dict[str, Any]:
     """JSON-able RNG states of this process (the generator's state goes as a byte list)."""
     py = random.getstate()
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple), "the global RandomState is MT19937: get_state() is the legacy tuple"
     out: dict[str, Any] = {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
@@ -143,8 +145,8 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{state.step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=directory))
-    try:
+    files.clean_stale(directory)
+    with files.atomic_directory(final) as tmp:  # a failure mid-write leaves the last checkpoint as it was
         _save_tensors(state.module.state_dict(), tmp / "model.safetensors")
         _save_tensors(state.teacher.state_dict(), tmp / "teacher.safetensors")
         _save_tensors(state.objective.state_dict(), tmp / "objective.safetensors")
@@ -160,18 +162,9 @@ def save_checkpoint(
             "extra": extra or {},
         }
         (tmp / "state.json").write_text(json.dumps(meta))
-        files = sorted(p.name for p in tmp.iterdir())
-        manifest = {"format": FORMAT, "step": state.step, "sha256": {f: _sha256(tmp / f) for f in files}}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        for f in tmp.iterdir():  # data on disk before the rename makes it visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        names = sorted(p.name for p in tmp.iterdir())
+        manifest = {"format": FORMAT, "step": state.step, "sha256": {f: _sha256(tmp / f) for f in names}}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: it marks the checkpoint complete
     for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -222,7 +215,9 @@ def verify(path: Path) -> dict[str, Any]:
         if not f.is_file():
             raise CheckpointError(f"{f} is missing; the checkpoint is incomplete")
         if _sha256(f) != digest:
-            raise CheckpointError(f"{f} does not match its sha256 in the manifest: it was truncated or modified; refusing to load")
+            raise CheckpointError(
+                f"{f} does not match its sha256 in the manifest: it was truncated or modified; refusing to load"
+            )
     for f in path.iterdir():
         if f.suffix in PICKLE_SUFFIXES:
             raise CheckpointError(f"{f} is a pickle-based file inside a checkpoint; selfflow never unpickles files")

@@ -25,6 +25,8 @@ class EMATeacher(nn.Module):
     """An exponential moving average of a model, used as the Self-Flow teacher and as the
     evaluation model. Never requires grad; starts as an exact copy."""
 
+    num_updates: Tensor  # () long buffer, declared for the type checker
+
     def __init__(self, model: nn.Module, config: EMAConfig | None = None) -> None:
         super().__init__()
         self.config = config or EMAConfig()
@@ -47,7 +49,7 @@ class EMATeacher(nn.Module):
     def update(self, student: nn.Module) -> float:
         """``theta' <- d theta' + (1 - d) theta``; buffers are copied. Returns the decay used."""
         d = self.current_decay()
-        ema = [p for p in self.model.parameters()]
+        ema: list[Tensor] = list(self.model.parameters())
         cur = [p.detach() for p in student.parameters()]
         if len(ema) != len(cur):
             raise RuntimeError("EMA teacher and student have different parameter lists")

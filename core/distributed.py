@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from typing import TypeVar
 
 import attrs
 import torch
@@ -49,9 +50,7 @@ def init_distributed(device: str | None = None) -> tuple[Shard, torch.device]:
     rank = int(os.environ["RANK"])
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if want_cuda else "gloo", timeout=datetime.timedelta(minutes=10)
-        )
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
     if want_cuda:
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
@@ -68,7 +67,14 @@ def shutdown() -> None:
     _SHARD = Shard()
 
 
-def batch_rand(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str, *, normal: bool = False, dtype: torch.dtype = torch.float32) -> Tensor:
+def batch_rand(
+    shape: tuple[int, ...],
+    generator: torch.Generator,
+    device: torch.device | str,
+    *,
+    normal: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """Uniform (or normal) numbers for this rank's slice of the global batch.
 
     ``shape[0]`` is the local batch size; all ranks advance the same generator by the same
@@ -91,7 +97,12 @@ def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def unwrap(model: _M) -> _M:
+    """The module inside a DDP wrapper, or ``model`` itself. Typed as the identity: callers
+    annotate a possibly wrapped model as the module it wraps (``model: FlowTransformer``)."""
     return getattr(model, "module", model)
 
 

@@ -6,7 +6,6 @@ sampling, plots and evaluation arrive as callbacks built by ``registry/compose.p
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -19,7 +18,7 @@ import torch
 
 from selfflow.core import checkpoint as ckpt
 from selfflow.core.distributed import shard
-from selfflow.core.train_step import StepResult, TrainState, apply_update, backward
+from selfflow.core.train_step import StepResult, TrainState, train_step
 from selfflow.core.types import TokenBatch
 
 
@@ -60,13 +59,25 @@ def warmup_schedule(warmup: int, total: int, kind: str = "constant", final: floa
 
 
 @attrs.frozen(kw_only=True)
-class LoopConfig:
-    steps: int = attrs.field(validator=attrs.validators.ge(1))
-    grad_accum: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+class LoopOutput:
+    """What the loop writes and how often (steps): ``log_every`` (averaged rows of
+    ``metrics.jsonl``), ``checkpoint_every`` (0: only at the end), ``keep_checkpoints``
+    (the last K), ``progress`` (a tqdm bar on rank 0)."""
+
     log_every: int = attrs.field(default=25, validator=attrs.validators.ge(1))
-    checkpoint_every: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # 0: only at the end
+    checkpoint_every: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     keep_checkpoints: int = attrs.field(default=3, validator=attrs.validators.ge(1))
     progress: bool = True
+
+
+@attrs.frozen(kw_only=True)
+class LoopConfig:
+    """``steps`` optimiser steps of ``grad_accum`` micro-batches each; ``output``: cadences
+    (a run's ``[output]`` section derives from ``LoopOutput``, so it can be passed as is)."""
+
+    steps: int = attrs.field(validator=attrs.validators.ge(1))
+    grad_accum: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    output: LoopOutput = attrs.field(factory=LoopOutput)
 
 
 class Loop:
@@ -125,22 +136,15 @@ class Loop:
             generator=self.generator,
             data_position=self.source.position(),
             extra=self.checkpoint_extra,
-            keep_last=self.config.keep_checkpoints,
+            keep_last=self.config.output.keep_checkpoints,
         )
 
     # -- one step
 
     def step(self) -> StepResult:
-        state, accum = self.state, self.config.grad_accum
-        losses = None
-        for micro in range(accum):
-            batch = self.source.next_batch()
-            # DDP: synchronise gradients only on the last micro-batch
-            sync = micro == accum - 1 or not hasattr(state.model, "no_sync")
-            with contextlib.nullcontext() if sync else state.model.no_sync():
-                losses = backward(state, batch, generator=self.generator, scale=1.0 / accum)
-        grad_norm, lr, decay = apply_update(state)
-        return StepResult(losses=losses, grad_norm=grad_norm, lr=lr, ema_decay=decay)
+        """Draw this step's micro-batches and run ``train_step`` on them."""
+        micro_batches = [self.source.next_batch() for _ in range(self.config.grad_accum)]
+        return train_step(self.state, micro_batches, generator=self.generator)
 
     # -- logging
 
@@ -149,10 +153,13 @@ class Loop:
         row.update(grad_norm=result.grad_norm, lr=result.lr, ema_decay=result.ema_decay)
         self._window.append(row)
         step = self.state.step
-        if step % self.config.log_every and step != self.config.steps:
+        if step % self.config.output.log_every and step != self.config.steps:
             return
         now = time.perf_counter()
-        avg = {k: sum(r[k] for r in self._window) / len(self._window) for k in self._window[-1]}
+        # rows of different streams carry different per-modality keys: each key is averaged
+        # over the rows that have it
+        keys = list(dict.fromkeys(k for r in self._window for k in r))
+        avg = {k: sum(vals) / len(vals) for k in keys if (vals := [r[k] for r in self._window if k in r])}
         avg.update(step=step, steps_per_s=len(self._window) / max(now - self._t_window, 1e-9))
         self._window, self._t_window = [], now
         self.history.append(avg)
@@ -170,7 +177,7 @@ class Loop:
         stop = cfg.steps if until is None else min(until, cfg.steps)
         self.state.model.train()
         bar = None
-        if cfg.progress and shard().is_main:
+        if cfg.output.progress and shard().is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.state.step, desc="train", unit="step", dynamic_ncols=True)
@@ -182,7 +189,7 @@ class Loop:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{float(result.losses.total.detach()):.4f}", refresh=False)
-                if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0 and self.state.step < cfg.steps:
+                if cfg.output.checkpoint_every and self.state.step % cfg.output.checkpoint_every == 0 and self.state.step < cfg.steps:
                     self.save()
                 for cb in self.callbacks:
                     cb.on_step(self, result)

@@ -11,12 +11,15 @@
   block.
 - Blocks are numbered from 1: ``return_hidden=(l,)`` returns the hidden state after block l,
   ``stop_after=k`` runs blocks 1..k only (the teacher's truncated forward).
+- The blocks' hand-written autograd kernels (fused RoPE, multiply-add, level gather, GELU)
+  live in ``core/kernels.py``, each with the step-time gain it was kept for.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import attrs
 import torch
@@ -24,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfflow.core.attention import attend, padding_mask
+from selfflow.core.kernels import apply_rope as apply_rope  # re-exported for tests/core/test_attention.py
+from selfflow.core.kernels import gather_levels, gelu_tanh, muladd, rotate_qkv
 from selfflow.core.types import Timesteps, TokenBatch
 
 # name -> (width, depth, heads); parameter counts are in the README and tested
@@ -107,7 +112,8 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+        dtype = cast(nn.Linear, self.mlp[0]).weight.dtype
+        return self.mlp(timestep_embedding(t, self.freq_dim).to(dtype))
 
 
 class MultiAxisRope(nn.Module):
@@ -116,6 +122,9 @@ class MultiAxisRope(nn.Module):
 
     Pairs follow the rotate-half convention: dimension ``i`` pairs with ``i + Dh / 2``.
     """
+
+    inv_freq: Tensor  # (Dh/2,) buffers, declared for the type checker
+    axis: Tensor
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
@@ -131,117 +140,14 @@ class MultiAxisRope(nn.Module):
         """``positions (B, N, 3)`` -> ``cos, sin`` of shape ``(B, N, 1, Dh)``.
 
         ``sin`` carries the rotation's sign, ``[-sin, +sin]`` over the two halves, so that
-        ``rope(x) = x cos + swap_halves(x) sin`` (``apply_rope``) needs no negation.
+        ``rope(x) = x cos + swap_halves(x) sin`` (``kernels.apply_rope``) needs no negation.
         """
         angles = positions[..., self.axis].float() * self.inv_freq  # (B, N, Dh/2)
         cos, sin = angles.cos(), angles.sin()
         return torch.cat([cos, cos], dim=-1)[:, :, None], torch.cat([-sin, sin], dim=-1)[:, :, None]
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Reference rotation of ``x (B, N, H, Dh)`` with ``MultiAxisRope`` tables (the blocks use
-    the fused ``rotate_qkv``, which computes the same numbers)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([x2, x1], dim=-1) * sin
-
-
-def _rotate_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor) -> None:
-    """``out = x cos + swap_halves(x) sin`` in three passes and no temporaries."""
-    half = x.shape[-1] // 2
-    torch.mul(x, cos, out=out)
-    out[..., :half].addcmul_(x[..., half:], sin[..., :half])
-    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
-
-
-class _RotateQKV(torch.autograd.Function):
-    """RoPE on the q and k parts of a ``(B, N, 3, H, Dh)`` qkv tensor, in that layout.
-
-    Rotating in the projection's own layout (instead of permuting to ``(B, H, N, Dh)``,
-    rotating q and k separately and concatenating halves) saves the copies around attention:
-    the CPU flash kernel reads ``(B, N, H, Dh)`` memory directly and writes its output the
-    same way; ``v`` is returned as a view of the input, never copied. The backward is the
-    inverse rotation (``sin -> -sin``) and writes the whole qkv gradient into one tensor.
-    """
-
-    @staticmethod
-    def forward(ctx, qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        # (B, N, 1, 1, Dh); float32 tables: a bf16 qkv is rotated in float32 and rounded once
-        cos, sin = cos[:, :, None], sin[:, :, None]
-        b, n, _, h, dh = qkv.shape
-        qk = torch.empty((b, n, 2, h, dh), dtype=qkv.dtype, device=qkv.device)
-        _rotate_into(qk, qkv[:, :, :2], cos, sin)
-        ctx.save_for_backward(cos, sin)
-        return qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
-
-    @staticmethod
-    def backward(ctx, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor) -> tuple[Tensor, None, None]:
-        cos, sin = ctx.saved_tensors
-        cos, sin = cos[:, :, 0], -sin[:, :, 0]  # (B, N, 1, Dh): the inverse rotation
-        b, h, n, dh = grad_v.shape
-        out = torch.empty((b, n, 3, h, dh), dtype=grad_v.dtype, device=grad_v.device)
-        _rotate_into(out[:, :, 0], grad_q.transpose(1, 2), cos, sin)
-        _rotate_into(out[:, :, 1], grad_k.transpose(1, 2), cos, sin)
-        out[:, :, 2].copy_(grad_v.transpose(1, 2))
-        return out, None, None
-
-
-def rotate_qkv(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``qkv (B, N, 3, H, Dh)`` -> rotated ``q, k`` and ``v``, each ``(B, H, N, Dh)`` views of
-    ``(B, N, H, Dh)`` memory (the layout attention reads without a copy)."""
-    return _RotateQKV.apply(qkv, cos, sin)
-
-
 # ----------------------------------------------------------------------------- modulation
-
-
-def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
-    return t if t.shape == shape else t.sum_to_size(shape)
-
-
-class _MulAdd(torch.autograd.Function):
-    """``base + a * b`` (``torch.addcmul``) with a backward that skips the ``* value``
-    passes autograd's generic addcmul formula spends on ``value = 1``."""
-
-    @staticmethod
-    def forward(ctx, base: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        ctx.save_for_backward(a, b)
-        ctx.shapes = (base.shape, a.shape, b.shape)
-        return torch.addcmul(base, a, b)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        a, b = ctx.saved_tensors
-        base_shape, a_shape, b_shape = ctx.shapes
-        need_base, need_a, need_b = ctx.needs_input_grad
-        return (
-            _sum_to(grad, base_shape) if need_base else None,
-            _sum_to(grad * b, a_shape) if need_a else None,
-            _sum_to(grad * a, b_shape) if need_b else None,
-        )
-
-
-def muladd(base: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``base + a * b``: adaLN's ``shift + norm(x) * (1 + scale)`` and ``x + gate * y``."""
-    if torch.is_grad_enabled() and (base.requires_grad or a.requires_grad or b.requires_grad):
-        return _MulAdd.apply(base, a, b)
-    return torch.addcmul(base, a, b)
-
-
-class _GatherLevels(torch.autograd.Function):
-    """``rows (B, K, M)`` -> ``(B, N, M)`` by level index; the backward sums each level's
-    token gradients with one batched matmul against the one-hot ``(B, K, N)`` assignment
-    (a small-K reduction, cheaper than a scatter-add into the rows)."""
-
-    @staticmethod
-    def forward(ctx, rows: Tensor, flat_index: Tensor, assign: Tensor) -> Tensor:
-        b, k, m = rows.shape
-        ctx.save_for_backward(assign)
-        return rows.reshape(b * k, m).index_select(0, flat_index).view(b, -1, m)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        (assign,) = ctx.saved_tensors
-        return torch.bmm(assign.to(grad.dtype), grad), None, None
 
 
 class Modulation:
@@ -265,9 +171,9 @@ class Modulation:
 
     def per_token(self, rows: Tensor) -> Tensor:
         """``rows (B, K, M)`` -> ``(B, N, M)`` (or ``(B, 1, M)`` when they broadcast)."""
-        if self.flat_index is None:  # one level per sample, or already per token
+        if self.flat_index is None or self.assign is None:  # one level per sample, or already per token
             return rows
-        return _GatherLevels.apply(rows, self.flat_index, self.assign)
+        return gather_levels(rows, self.flat_index, self.assign)
 
     def split(self, rows: Tensor, parts: int) -> tuple[Tensor, ...]:
         """``rows (B, K, parts M)`` -> ``parts`` per-token tensors ``(B, N, M)``, each gathered
@@ -290,57 +196,20 @@ class AdaLN(nn.Sequential):
     with ``1 + scale`` in place of ``scale`` (the 1 is folded into the bias).
     """
 
+    scale_offset: Tensor  # (parts D,) buffer, declared for the type checker
+
     def __init__(self, width: int, parts: int, scales: Sequence[int]) -> None:
         super().__init__(nn.SiLU(), nn.Linear(width, parts * width))
         self.parts = parts
         self.register_buffer("scale_offset", _scale_offset(width, parts, scales), persistent=False)
 
+    @property
+    def linear(self) -> nn.Linear:
+        return cast(nn.Linear, self[1])
+
     def rows(self, cond_act: Tensor) -> Tensor:
-        lin = self[1]
+        lin = self.linear
         return F.linear(cond_act, lin.weight, lin.bias + self.scale_offset)
-
-
-# ----------------------------------------------------------------------------- GELU
-
-
-_GELU_A = 2.0 * math.sqrt(2.0 / math.pi)  # 0.5 (1 + tanh(z)) = sigmoid(2 z)
-_GELU_B = _GELU_A * 0.044715
-
-
-class _GeluTanh(torch.autograd.Function):
-    """``F.gelu(x, approximate="tanh")`` written as ``x sigmoid(x (a + b x^2))``.
-
-    The same function (``0.5 (1 + tanh z) = sigmoid(2 z)``); on CPU the vectorised sigmoid
-    costs about a third of the tanh, and the hand-written derivative
-    ``s + x s (1 - s) (a + 3 b x^2)`` avoids a second tanh in the backward. Agrees with
-    ``F.gelu`` to float32 rounding (tested).
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        a = torch.tensor(_GELU_A, dtype=x.dtype, device=x.device)
-        s = torch.addcmul(a, x, x, value=_GELU_B).mul_(x).sigmoid_()
-        ctx.save_for_backward(x, s)
-        return x * s
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        x, s = ctx.saved_tensors
-        a = torch.tensor(_GELU_A, dtype=x.dtype, device=x.device)
-        d = torch.addcmul(a, x, x, value=3.0 * _GELU_B).mul_(x).mul_(torch.addcmul(s, s, s, value=-1.0))
-        return d.add_(s).mul_(grad)
-
-
-def gelu_tanh(x: Tensor) -> Tensor:
-    """DiT's tanh-approximated GELU: the sigmoid form (``_GeluTanh``) for float32 CPU tensors,
-    where it is faster; ``F.gelu`` elsewhere (one fused kernel on GPUs, float32 internal
-    arithmetic for half-precision inputs)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        return F.gelu(x, approximate="tanh")
-    if not torch.is_grad_enabled() or not x.requires_grad:
-        s = torch.addcmul(torch.tensor(_GELU_A, dtype=x.dtype, device=x.device), x, x, value=_GELU_B)
-        return s.mul_(x).sigmoid_().mul_(x)
-    return _GeluTanh.apply(x)
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -361,7 +230,9 @@ class Block(nn.Module):
         # shift1, scale1, gate1, shift2, scale2, gate2
         self.adaLN = AdaLN(d, 6, scales=(1, 4))
 
-    def forward(self, x: Tensor, cond_act: Tensor, mod: Modulation, rope: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, cond_act: Tensor, mod: Modulation, rope: tuple[Tensor, Tensor], mask: Tensor | None
+    ) -> Tensor:
         b, n, d = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.split(self.adaLN.rows(cond_act), 6)
 
@@ -444,18 +315,19 @@ class FlowTransformer(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        for lin in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
-            nn.init.normal_(lin.weight, std=0.02)
+        for m in self.t_embed.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
         if self.label_embed is not None:
             nn.init.normal_(self.label_embed.weight, std=0.02)
-        for blk in self.blocks:
-            nn.init.zeros_(blk.adaLN[-1].weight)
-            nn.init.zeros_(blk.adaLN[-1].bias)
-        nn.init.zeros_(self.final.adaLN[-1].weight)
-        nn.init.zeros_(self.final.adaLN[-1].bias)
-        for lin in self.final.out.values():
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        for m in self.modules():
+            if isinstance(m, AdaLN):  # every block's and the final layer's
+                nn.init.zeros_(m.linear.weight)
+                nn.init.zeros_(m.linear.bias)
+        for m in self.final.out.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
 
     # -- pieces, public so that tests and objectives can reuse them
 
@@ -480,8 +352,7 @@ class FlowTransformer(nn.Module):
         for seg in batch.segments:
             if seg.modality not in self.inp:
                 raise KeyError(
-                    f"the model has no projection for modality {seg.modality!r}; "
-                    f"it was built for {sorted(self.inp)}"
+                    f"the model has no projection for modality {seg.modality!r}; it was built for {sorted(self.inp)}"
                 )
             xs.append(self.inp[seg.modality](seg.tokens))
         return xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
@@ -514,7 +385,11 @@ class FlowTransformer(nn.Module):
 
         x = self.embed(batch)
         cond, mod = self.conditioning(timesteps, batch.labels)
-        positions = torch.cat([seg.positions for seg in batch.segments], dim=1) if len(batch.segments) > 1 else batch.segments[0].positions
+        positions = (
+            torch.cat([seg.positions for seg in batch.segments], dim=1)
+            if len(batch.segments) > 1
+            else batch.segments[0].positions
+        )
         rope = self.rope(positions)
         mask = attn_mask if attn_mask is not None else padding_mask(batch.valid_mask())
 

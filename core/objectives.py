@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from selfflow.core import path
 from selfflow.core.attention import separation_mask
-from selfflow.core.distributed import batch_rand, unwrap
 from selfflow.core.distill import Projector, representation_loss
+from selfflow.core.distributed import batch_rand, unwrap
 from selfflow.core.model import FlowTransformer, ModelOutput
 from selfflow.core.timesteps import DualTimestepScheduler, LogitNormalTime, TimeSampler
 from selfflow.core.types import LossBreakdown, Timesteps, TokenBatch
@@ -42,10 +42,12 @@ def drop_labels(labels: Tensor | None, p: float, null_label: int, generator: tor
 
 def draw_noise(batch: TokenBatch, generator: torch.Generator) -> tuple[Tensor | None, ...]:
     """``eps ~ N(0, I)`` for every generated segment (``None`` for condition segments)."""
-    out = []
+    out: list[Tensor | None] = []
     for seg in batch.segments:
         if seg.generated:
-            out.append(batch_rand(tuple(seg.tokens.shape), generator, seg.tokens.device, normal=True, dtype=seg.tokens.dtype))
+            out.append(
+                batch_rand(tuple(seg.tokens.shape), generator, seg.tokens.device, normal=True, dtype=seg.tokens.dtype)
+            )
         else:
             out.append(None)
     return tuple(out)
@@ -71,6 +73,7 @@ def flow_loss(
     for seg, eps, v in zip(batch.segments, noise, out.velocity):
         if eps is None:
             continue
+        assert v is not None, "the model returns a velocity for every generated segment"
         err = (v.float() - path.velocity_target(seg.tokens, eps).float()).pow(2).mean(-1)
         w = seg.valid_mask().to(err.dtype)
         mse = (err * w).sum() / w.sum().clamp_min(1.0)
@@ -142,13 +145,13 @@ class SelfFlow(nn.Module):
         *,
         width: int,
         depth: int,
-        scheduler: DualTimestepScheduler | None = None,
+        scheduler: DualTimestepScheduler,
         config: SelfFlowConfig | None = None,
         loss_weights: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.config = cfg = config or SelfFlowConfig()
-        self.scheduler = scheduler or DualTimestepScheduler()
+        self.scheduler = scheduler  # its mask ratios are the modalities' own: no default here
         self.loss_weights = dict(loss_weights or {})
         self.student_layer = _default_layer(depth, 0.3) if cfg.student_layer is None else cfg.student_layer
         self.teacher_layer = _default_layer(depth, 0.7) if cfg.teacher_layer is None else cfg.teacher_layer
@@ -186,12 +189,17 @@ class SelfFlow(nn.Module):
         if teacher is None:
             raise ValueError("SelfFlow with the representation loss needs the EMA teacher")
         with torch.no_grad():
-            target = teacher(noised(batch, noise, steps.teacher), steps.teacher, stop_after=self.teacher_layer,
-                             return_hidden=(self.teacher_layer,)).hidden[self.teacher_layer]
+            target = teacher(
+                noised(batch, noise, steps.teacher),
+                steps.teacher,
+                stop_after=self.teacher_layer,
+                return_hidden=(self.teacher_layer,),
+            ).hidden[self.teacher_layer]
         # 8. representation loss: 1 - cos(projected student, raw teacher), mean over tokens
         tokens = batch.generate_mask()
         if cfg.representation_tokens == "masked":
             tokens = tokens & steps.masked
+        assert self.projector is not None, "built whenever config.representation is on"
         rep = representation_loss(self.projector(out.hidden[self.student_layer]), target, tokens)
         # 9. total
         return LossBreakdown(total=flow + cfg.gamma * rep, flow=flow, representation=rep, per_modality=per)

@@ -136,14 +136,20 @@ class DualTimesteps:
         return self.student.index
 
 
+def check_mask_ratio(name: str, ratio: float) -> float:
+    """The one check of a mask ratio (the scheduler's and the run config's): R in [0, 0.5]."""
+    if not 0.0 <= float(ratio) <= 0.5:
+        raise ValueError(
+            f"mask ratio for {name!r} is {ratio}; Self-Flow masks at most half the tokens "
+            "(R in [0, 0.5]; the paper uses image 0.25, video 0.10, audio 0.50)"
+        )
+    return float(ratio)
+
+
 def _check_ratio(instance: object, attribute: attrs.Attribute, value: float | Mapping[str, float]) -> None:
     ratios = value.items() if isinstance(value, Mapping) else [("*", value)]
     for name, r in ratios:
-        if not 0.0 <= float(r) <= 0.5:
-            raise ValueError(
-                f"mask ratio for {name!r} is {r}; Self-Flow masks at most half the tokens "
-                "(R in [0, 0.5]; the paper uses image 0.25, video 0.10, audio 0.50)"
-            )
+        check_mask_ratio(name, r)
 
 
 @attrs.frozen(kw_only=True)
@@ -153,7 +159,9 @@ class DualTimestepScheduler:
     - ``t`` and ``s`` come independently from the same ``time`` sampler and are **not sorted**:
       in some samples the masked tokens are the cleaner ones, in others the noisier ones.
     - Each generated token is masked (gets ``s``) with probability ``mask_ratio`` (a float, or
-      a per-modality mapping; a modality missing from it is not masked).
+      a per-modality mapping; a modality missing from it is not masked). There is no default:
+      the ratio is the modality's (a run takes its tokenizer's, the paper's image 0.25, video
+      0.10, audio 0.50).
     - ``dual=False`` gives every generated token ``t`` (plain flow matching's assignment).
     - ``max_gap`` draws ``s`` within ``max_gap`` of ``t`` (the paper's "small gap" ablation);
       ``min_gap`` redraws ``s`` until ``|t - s| >= min_gap``.
@@ -161,7 +169,8 @@ class DualTimestepScheduler:
     """
 
     time: TimeSampler = attrs.field(factory=LogitNormalTime)
-    mask_ratio: float | Mapping[str, float] = attrs.field(default=0.25, validator=_check_ratio)
+    # no default: each modality has its own
+    mask_ratio: float | Mapping[str, float] = attrs.field(validator=_check_ratio)
     teacher_rule: TeacherRule = attrs.field(factory=MinTeacher)
     dual: bool = True
     min_gap: float | None = None

@@ -1,16 +1,19 @@
-"""One training step, top to bottom.
+"""One training step, top to bottom: ``train_step(state, micro_batches)``.
 
 The objective draws times, noise and runs student and teacher (see ``objectives.py``);
-this module turns its ``LossBreakdown`` into an update: backward, clip, optimiser, EMA.
+this module turns its ``LossBreakdown`` of each micro-batch into gradients, then into one
+update: backward per micro-batch, clip, optimiser, schedule, EMA.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Sequence
 
 import attrs
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from selfflow.core.distill import EMATeacher
 from selfflow.core.distributed import all_reduce_grads
@@ -46,6 +49,10 @@ class TrainState:
 
 @attrs.frozen(kw_only=True)
 class StepResult:
+    """What one optimiser step did: ``losses`` is the mean over its micro-batches
+    (detached), ``grad_norm`` the norm before clipping, ``lr`` the rate the step used,
+    ``ema_decay`` the teacher's decay at this update."""
+
     losses: LossBreakdown
     grad_norm: float
     lr: float
@@ -63,18 +70,47 @@ def _check_finite(losses: LossBreakdown, step: int) -> None:
         )
 
 
-def backward(state: TrainState, batch: TokenBatch, *, generator: torch.Generator, scale: float = 1.0) -> LossBreakdown:
-    """Forward through the objective and accumulate ``scale * total`` gradients."""
-    losses = state.objective(state.model, batch, teacher=state.teacher, generator=generator)
-    _check_finite(losses, state.step)
-    (losses.total * scale).backward()
-    return losses
+def mean_losses(parts: Sequence[LossBreakdown]) -> LossBreakdown:
+    """The mean of micro-batches' losses, detached: what a step logs. A per-modality (or
+    representation) term is averaged over the micro-batches that have it (streams differ in
+    their modalities)."""
+
+    def mean(values: list[Tensor]) -> Tensor:
+        return torch.stack([v.detach().float() for v in values]).mean()
+
+    names = sorted({k for p in parts for k in p.per_modality})
+    reps = [p.representation for p in parts if p.representation is not None]
+    return LossBreakdown(
+        total=mean([p.total for p in parts]),
+        flow=mean([p.flow for p in parts]),
+        representation=mean(reps) if reps else None,
+        per_modality={k: mean([p.per_modality[k] for p in parts if k in p.per_modality]) for k in names},
+    )
 
 
-def apply_update(state: TrainState) -> tuple[float, float, float]:
-    """Clip, optimiser step, schedule, EMA teacher update. Returns (grad_norm, lr, ema_decay)."""
+def train_step(
+    state: TrainState, micro_batches: TokenBatch | Sequence[TokenBatch], *, generator: torch.Generator
+) -> StepResult:
+    """One optimiser step on the micro-batches of one global batch (gradient accumulation:
+    each contributes ``1 / len(micro_batches)`` of the gradient). The loop, the tests and the
+    step benchmark all call this."""
+    micros = [micro_batches] if isinstance(micro_batches, TokenBatch) else list(micro_batches)
+    if not micros:
+        raise ValueError("train_step needs at least one micro-batch")
+    parts = []
+    for i, batch in enumerate(micros):
+        # DDP synchronises gradients only on the last micro-batch
+        sync = i == len(micros) - 1 or not hasattr(state.model, "no_sync")
+        with contextlib.nullcontext() if sync else state.model.no_sync():
+            # student + teacher forward and the losses, then the generation + representation gradients
+            losses = state.objective(state.model, batch, teacher=state.teacher, generator=generator)
+            _check_finite(losses, state.step)
+            (losses.total * (1.0 / len(micros))).backward()
+        parts.append(losses)
+
     # DDP averaged the model's gradients; heads outside it (the projector) are averaged here
     all_reduce_grads([p for p in state.objective.parameters() if p.requires_grad])
+    # clip, AdamW step, LR schedule, then the EMA teacher follows the student
     params = state.trainable_parameters()
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, state.grad_clip))
     if not math.isfinite(grad_norm):
@@ -87,13 +123,4 @@ def apply_update(state: TrainState) -> tuple[float, float, float]:
         state.lr_schedule.step()
     decay = state.teacher.update(state.module)
     state.step += 1
-    return grad_norm, lr, decay
-
-
-def train_step(state: TrainState, batch: TokenBatch, *, generator: torch.Generator) -> StepResult:
-    """One optimiser step on one batch."""
-    # student + teacher forward and the losses, then the generation + representation gradients
-    losses = backward(state, batch, generator=generator)
-    # clip at 1.0, AdamW step, LR schedule, then the EMA teacher follows the student
-    grad_norm, lr, decay = apply_update(state)
-    return StepResult(losses=losses, grad_norm=grad_norm, lr=lr, ema_decay=decay)
+    return StepResult(losses=mean_losses(parts), grad_norm=grad_norm, lr=lr, ema_decay=decay)

@@ -4,6 +4,22 @@ Shapes, once: B = batch, N = tokens of one segment, N_total = tokens of all segm
 order, C = a segment's channels, K = distinct noise levels in a sample.
 
 Time runs from data to noise: ``t = 0`` is data, ``t = 1`` is noise.
+
+Positions, once (``Segment.positions (B, N, 3)``, integer ``(t, h, w)``):
+
+- ``t`` is **time on one axis shared by every modality**, in ticks of ``1 / TIME_RATE``
+  seconds: a token that stands for the media at time ``x`` seconds sits at
+  ``t = round(x * TIME_RATE)``. Each tokenizer sets it from its own frame rate or hop
+  (``time_ticks(frame, rate_hz)``), so a video frame and the audio frames played with it
+  share ``t``. ``TIME_RATE = 3000`` makes the common rates whole ticks (24/25/30/60 fps;
+  50, 62.5 and 75 Hz latent frames). Media without time (an image, a point set) sit at
+  ``t = 0``. The model's RoPE reads ``t`` in units of ``ROPE_TIME_TICKS`` ticks (1/25 s),
+  so one video frame at 25 fps is one rotary step, whatever the tokenizer's rate.
+- ``h, w`` are spatial grid coordinates (``>= 0``; 0 for audio).
+- 1-D token sequences without time or space (text) sit at ``t = 0`` on the negative
+  diagonal of ``(h, w)``: token ``i`` of ``L`` at ``h = w = i - L`` (``sequence_positions``).
+  They never share a position with an image token (``h, w >= 0``), and consecutive tokens
+  differ by ``(0, 1, 1)``, one step on both spatial axes.
 """
 
 from __future__ import annotations
@@ -14,6 +30,19 @@ from collections.abc import Sequence
 import attrs
 import torch
 from torch import Tensor
+
+TIME_RATE = 3000  # ticks per second on the shared time axis (see the module docstring)
+ROPE_TIME_TICKS = 120  # ticks per rotary step on the time axis: 1/25 s
+
+
+def time_ticks(frame: Tensor | int | float, rate_hz: float) -> Tensor:
+    """Tick of frame ``frame`` of a stream running at ``rate_hz`` frames per second:
+    ``round(frame / rate_hz * TIME_RATE)`` as ``torch.long``."""
+    if rate_hz <= 0:
+        raise ValueError(f"frame rate must be positive, got {rate_hz}")
+    frame_t = torch.as_tensor(frame, dtype=torch.float64)
+    return torch.round(frame_t * (TIME_RATE / float(rate_hz))).long()
+
 
 
 class Role(enum.Enum):
@@ -267,3 +296,11 @@ def grid_positions(frames: int, height: int, width: int, *, batch: int = 1, devi
     )
     grid = torch.stack([t, h, w], dim=-1).reshape(1, -1, 3)
     return grid.expand(batch, -1, -1)
+
+
+def sequence_positions(length: int, *, batch: int = 1, device: torch.device | str = "cpu") -> Tensor:
+    """``(batch, length, 3)`` long positions of a 1-D sequence without time or space (text):
+    token ``i`` at ``(0, i - length, i - length)`` (see the module docstring)."""
+    pos = torch.zeros(length, 3, dtype=torch.long, device=device)
+    pos[:, 1] = pos[:, 2] = torch.arange(length, device=device) - length
+    return pos[None].expand(batch, -1, -1)

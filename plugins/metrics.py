@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any
 
 import attrs
 import torch
@@ -22,53 +23,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfflow.core.types import Timesteps, TokenBatch
-from selfflow.plugins.protocols import MetricResult
+from selfflow.plugins.batching import media_of
+from selfflow.plugins.protocols import FeatureNetwork, MetricContext, MetricResult
 
 
-@runtime_checkable
-class FeatureNetwork(Protocol):
-    """What a modality's reference network offers the metrics.
-
-    ``features(media) -> (B, num_features)``; ``logits(media) -> (B, num_classes)``;
-    ``feature_module()``: an ``nn.Module`` with an int ``num_features`` that maps a media
-    batch to features (torchmetrics' ``feature=``); ``accuracy``: held-out accuracy;
-    ``describe()``: the protocol to write next to a metric (name, accuracy, on what data).
-    """
-
-    name: str
-
-    @property
-    def accuracy(self) -> float: ...
-
-    @property
-    def num_features(self) -> int: ...
-
-    @property
-    def num_classes(self) -> int: ...
-
-    @property
-    def device(self) -> torch.device: ...
-
-    def features(self, media: Tensor) -> Tensor: ...
-
-    def logits(self, media: Tensor) -> Tensor: ...
-
-    def feature_module(self) -> nn.Module: ...
-
-    def describe(self) -> dict[str, Any]: ...
-
-
-def _need_reference(metric: str, reference: Any, reference_fn: Any = None) -> FeatureNetwork:
-    """The reference given directly, or built by the lazy ``reference_fn()`` of the context."""
-    if reference is None and reference_fn is not None:
-        reference = reference_fn()
-    if reference is None:
-        raise ValueError(
-            f"metric {metric!r} needs a reference feature network: pass reference=<the modality's network> "
-            "(for images selfflow.plugins.image.reference.ImageReference.fit(dataset))"
-        )
+def _need_reference(metric: str, reference: Any) -> FeatureNetwork:
     if not isinstance(reference, FeatureNetwork):
-        raise TypeError(f"metric {metric!r}: reference must satisfy metrics.FeatureNetwork, got {type(reference).__name__}")
+        raise TypeError(
+            f"metric {metric!r} needs a reference feature network (protocols.FeatureNetwork), got "
+            f"{type(reference).__name__}; a modality provides one through the selfflow_register_references hook"
+        )
     return reference
 
 
@@ -101,7 +65,6 @@ class FrechetDistance(_FeatureDistance):
     """
 
     name = "fd"
-    requires = frozenset({"real", "fake"})
 
     def __init__(self, reference: FeatureNetwork) -> None:
         from torchmetrics.image.fid import FrechetInceptionDistance
@@ -110,8 +73,8 @@ class FrechetDistance(_FeatureDistance):
         self._metric = FrechetInceptionDistance(feature=reference.feature_module(), reset_real_features=False).to(reference.device)
 
     @classmethod
-    def from_config(cls, config: None = None, *, reference: FeatureNetwork | None = None, reference_fn=None, **context: Any) -> FrechetDistance:
-        return cls(_need_reference(cls.name, reference, reference_fn))
+    def from_config(cls, config: None, *, context: MetricContext) -> FrechetDistance:
+        return cls(context.reference())
 
     def compute(self) -> list[MetricResult]:
         n_real = int(self._metric.real_features_num_samples)
@@ -142,7 +105,6 @@ class KernelDistance(_FeatureDistance):
     also in ``details["std"]``). ``reset()`` forgets the fake media only."""
 
     name = "kid"
-    requires = frozenset({"real", "fake"})
 
     def __init__(self, reference: FeatureNetwork, config: KIDConfig | None = None) -> None:
         from torchmetrics.image.kid import KernelInceptionDistance
@@ -160,8 +122,8 @@ class KernelDistance(_FeatureDistance):
             ).to(reference.device)
 
     @classmethod
-    def from_config(cls, config: KIDConfig | None, *, reference: FeatureNetwork | None = None, reference_fn=None, **context: Any) -> KernelDistance:
-        return cls(_need_reference(cls.name, reference, reference_fn), config)
+    def from_config(cls, config: KIDConfig | None, *, context: MetricContext) -> KernelDistance:
+        return cls(context.reference(), config)
 
     def compute(self) -> list[MetricResult]:
         n_real = sum(len(f) for f in self._metric.real_features)
@@ -201,7 +163,6 @@ class ClassAccuracy:
     """
 
     name = "class_accuracy"
-    requires = frozenset({"fake", "labels"})
 
     def __init__(self, reference: FeatureNetwork) -> None:
         self.reference = _need_reference(self.name, reference)
@@ -210,8 +171,8 @@ class ClassAccuracy:
         self._total = torch.zeros(k, dtype=torch.long)
 
     @classmethod
-    def from_config(cls, config: None = None, *, reference: FeatureNetwork | None = None, reference_fn=None, **context: Any) -> ClassAccuracy:
-        return cls(_need_reference(cls.name, reference, reference_fn))
+    def from_config(cls, config: None, *, context: MetricContext) -> ClassAccuracy:
+        return cls(context.reference())
 
     def update(self, *, real: Tensor | None = None, fake: Tensor | None = None, labels: Tensor | None = None) -> None:
         if fake is None:
@@ -303,48 +264,51 @@ def _subset(n: int, limit: int | None, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def probe_features(model: nn.Module, tokenizer, dataset, *, layer: int, indices: Sequence[int], batch_size: int = 256) -> tuple[Tensor, Tensor]:
+def probe_features(model: nn.Module, tokenizer, dataset, *, modality: str, layer: int, indices: Sequence[int],
+                   batch_size: int = 256) -> tuple[Tensor, Tensor]:
     """Mean-pooled block-``layer`` hidden states ``(M, D)`` of clean items and their labels.
 
-    Clean: every generated token at ``t = 0``. The label is *not* given to the model (it
-    sees the null label when class-conditional), or the probe would read the label
-    embedding back. Pooling is over generated, non-padding tokens.
+    Clean: every generated token at ``t = 0``; only the ``modality`` segment is given. The
+    label is *not* given to the model (it sees the null label when class-conditional), or
+    the probe would read the label embedding back. Pooling is over non-padding tokens.
     """
     device = next(model.parameters()).device
     feats, labels = [], []
     for start in range(0, len(indices), batch_size):
-        items = [dataset[i] for i in indices[start : start + batch_size]]
-        if any(ex.label is None for ex in items):
+        chunk = list(indices[start : start + batch_size])
+        ys = [dataset[i].label for i in chunk]
+        if any(y is None for y in ys):
             raise ValueError("the linear probe needs a labelled dataset; found an item without a label")
-        media = torch.stack([torch.as_tensor(ex.media) for ex in items]).to(device)
-        batch = TokenBatch(segments=(tokenizer.encode(media),))
+        media = media_of(dataset, modality, chunk)
+        if isinstance(media, Tensor):
+            media = media.to(device)
+        batch = TokenBatch(segments=(tokenizer.encode(media).to(device),))
         t = torch.zeros(batch.batch_size, device=device)
         hidden = model(batch, Timesteps.uniform(t, batch), return_hidden=(layer,), stop_after=layer).hidden[layer]
         mask = batch.generate_mask().to(hidden.dtype)[..., None]  # (B, N, 1)
         feats.append(((hidden * mask).sum(1) / mask.sum(1).clamp_min(1)).float().cpu())
-        labels.append(torch.tensor([ex.label for ex in items]))
+        labels.append(torch.tensor(ys))
     return torch.cat(feats), torch.cat(labels)
 
 
 class LinearProbe:
-    """Linear-probe accuracy of a generator's representations: ``probe(model, tokenizer=,
-    train_dataset=, eval_dataset=)`` -> ``[MetricResult("linear_probe", held-out accuracy)]``.
-
-    Not a ``Metric`` (it needs the model, not samples): ``requires = {"model"}``.
-    """
+    """Linear-probe accuracy of a generator's representations of one modality (a model
+    probe, ``protocols.ModelProbe``): ``probe(model)`` -> ``[MetricResult("linear_probe",
+    held-out accuracy)]``, fitted on the context's training data, scored on its eval data."""
 
     name = "linear_probe"
-    requires = frozenset({"model"})
 
-    def __init__(self, config: LinearProbeConfig | None = None) -> None:
+    def __init__(self, config: LinearProbeConfig | None, context: MetricContext) -> None:
         self.config = config or LinearProbeConfig()
+        self.context = context
 
     @classmethod
-    def from_config(cls, config: LinearProbeConfig | None, **context: Any) -> LinearProbe:
-        return cls(config)
+    def from_config(cls, config: LinearProbeConfig | None, *, context: MetricContext) -> LinearProbe:
+        return cls(config, context)
 
-    def __call__(self, model: nn.Module, *, tokenizer, train_dataset, eval_dataset) -> list[MetricResult]:
-        cfg = self.config
+    def __call__(self, model: nn.Module) -> list[MetricResult]:
+        cfg, ctx = self.config, self.context
+        train_dataset, eval_dataset = ctx.train_dataset, ctx.eval_dataset
         depth = model.depth
         layer = cfg.layer if cfg.layer is not None else max(1, depth // 2)
         if not 1 <= layer <= depth:
@@ -358,8 +322,9 @@ class LinearProbe:
         try:
             train_idx = _subset(len(train_dataset), cfg.max_train, cfg.seed)
             eval_idx = _subset(len(eval_dataset), cfg.max_eval, cfg.seed + 1)
-            tx, ty = probe_features(model, tokenizer, train_dataset, layer=layer, indices=train_idx, batch_size=cfg.batch_size)
-            ex, ey = probe_features(model, tokenizer, eval_dataset, layer=layer, indices=eval_idx, batch_size=cfg.batch_size)
+            common = {"modality": ctx.modality, "layer": layer, "batch_size": cfg.batch_size}
+            tx, ty = probe_features(model, ctx.tokenizer, train_dataset, indices=train_idx, **common)
+            ex, ey = probe_features(model, ctx.tokenizer, eval_dataset, indices=eval_idx, **common)
         finally:
             model.train(was_training)
         fit = fit_linear_probe(tx, ty, ex, ey, num_classes=num_classes, weight_decay=cfg.weight_decay, max_iter=cfg.max_iter)
@@ -381,10 +346,19 @@ class LinearProbe:
         return [MetricResult(name=self.name, value=fit.eval_accuracy, details=details)]
 
 
-def linear_probe(model: nn.Module, tokenizer, train_dataset, eval_dataset, config: LinearProbeConfig | None = None, **overrides: Any) -> MetricResult:
+def linear_probe(model: nn.Module, tokenizer, train_dataset, eval_dataset, config: LinearProbeConfig | None = None, *,
+                 modality: str | None = None, **overrides: Any) -> MetricResult:
     """One-call form: ``linear_probe(model, tokenizer, train, eval, layer=2).value``."""
     config = attrs.evolve(config or LinearProbeConfig(), **overrides)
-    return LinearProbe(config)(model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset)[0]
+
+    def no_reference() -> FeatureNetwork:
+        raise ValueError("the linear probe needs no reference network")
+
+    context = MetricContext(
+        modality=modality or tokenizer.modality, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        tokenizer=tokenizer, device=next(model.parameters()).device, cache_dir=Path("."), reference=no_reference,
+    )
+    return LinearProbe(config, context)(model)[0]
 
 
 # ----------------------------------------------------------------------------- plugin hooks
@@ -400,5 +374,9 @@ def selfflow_register_metrics(register) -> None:
                  "kernel (MMD) distance in the reference feature space: kid_mean, kid_std (torchmetrics)")
     register.add("class-accuracy", ClassAccuracy.from_config, None,
                  "share of class-conditional samples the reference classifier assigns to the requested class")
+
+
+@hookimpl
+def selfflow_register_probes(register) -> None:
     register.add("linear-probe", LinearProbe.from_config, LinearProbeConfig,
                  "held-out logistic-regression accuracy on mean-pooled block-l features of clean inputs (t=0)")

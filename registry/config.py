@@ -9,21 +9,19 @@ Errors name the key, what was expected and the closest valid key::
 
 from __future__ import annotations
 
-import difflib
 import re
 import tomllib
-import types
-import typing
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message names the key and the fix."""
-
+from selfflow.core.distill import EMAConfig
+from selfflow.core.loop import LoopOutput
+from selfflow.core.objectives import SelfFlowConfig
+from selfflow.core.timesteps import check_mask_ratio
+from selfflow.registry.structuring import ConfigError, structure, unstructure
+from selfflow.registry.structuring import to_toml as _to_toml
 
 # ----------------------------------------------------------------------------- sections
 
@@ -32,6 +30,28 @@ _v = attrs.validators
 
 def _in(*choices: str):
     return _v.in_(choices)
+
+
+def _one_of(table: str):
+    """A validator: the value is a key of ``registry.builders.<table>`` (the builders' tables
+    are the one list of choices; imported when validating, as builders imports this module)."""
+
+    def check(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+        from selfflow.registry import builders
+
+        choices = getattr(builders, table)
+        if value not in choices:
+            raise ValueError(f"expected one of {list(choices)}, got {value!r}", attribute, list(choices), value)
+
+    return check
+
+
+def _mask_ratio(instance: Any, attribute: attrs.Attribute, value: float | None) -> None:
+    if value is not None:
+        try:
+            check_mask_ratio(attribute.name, value)
+        except ValueError as err:  # the attrs form, so the message names the key
+            raise ValueError(str(err), attribute, None, value) from None
 
 
 @attrs.frozen(kw_only=True)
@@ -53,75 +73,101 @@ class RunSection:
 
 @attrs.frozen(kw_only=True)
 class ModalityConfig:
-    """One modality of the run: its data, its tokenizer and its Self-Flow settings.
+    """What the model knows of one modality (``[modalities.NAME]``): its tokenizer, its
+    Self-Flow mask ratio (``None``: the tokenizer's default, the paper's image 0.25, video
+    0.10, audio 0.50), the weight of its flow loss, and the reference network its media
+    metrics and REPA-style alignment use (``None``: the entry named after the modality)."""
 
-    ``probability``: share of mini-batches from this modality (each mini-batch holds one);
-    ``condition``: an optional tokenizer for the dataset's text, fed as a condition segment.
+    tokenizer: str
+    tokenizer_options: dict[str, Any] = attrs.field(factory=dict)
+    mask_ratio: float | None = attrs.field(default=None, validator=_mask_ratio)  # core.timesteps.check_mask_ratio
+    loss_weight: float = attrs.field(default=1.0, validator=_v.ge(0))
+    reference: str | None = None
+    reference_options: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class StreamConfig:
+    """What a mini-batch is (``[[streams]]``): a dataset, which of its modalities the model
+    generates and which it is given clean as conditions, and how often the stream is drawn.
+
+    ``condition_probability``: generated modality -> probability that its whole segment is
+    given as a condition in a batch instead (any-to-any training); ``probability``: relative
+    share of mini-batches drawn from this stream; ``batch_size``: its global batch
+    (default ``run.batch_size``); ``name``: how logs and sample files call it (default: the
+    dataset's name).
     """
 
     dataset: str
-    tokenizer: str
+    generate: list[str] = attrs.field(validator=_v.min_len(1))
     dataset_options: dict[str, Any] = attrs.field(factory=dict)
-    tokenizer_options: dict[str, Any] = attrs.field(factory=dict)
-    mask_ratio: float = attrs.field(default=0.25, validator=[_v.ge(0), _v.le(0.5)])
-    loss_weight: float = attrs.field(default=1.0, validator=_v.ge(0))
+    condition: list[str] = attrs.field(factory=list)
+    condition_probability: dict[str, float] = attrs.field(factory=dict)
     probability: float = attrs.field(default=1.0, validator=_v.gt(0))
-    condition: str | None = None
-    condition_options: dict[str, Any] = attrs.field(factory=dict)
+    batch_size: int | None = attrs.field(default=None, validator=_v.optional(_v.ge(1)))
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or self.dataset
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The stream's segments in batch order: generated, then conditions."""
+        return (*self.generate, *self.condition)
 
 
 @attrs.frozen(kw_only=True)
 class ModelSection:
-    """``preset`` (tiny, XS, S, B, L) sets width/depth/heads; explicit values override it."""
+    """``preset`` (tiny, XS, S, B, L) sets width/depth/heads; explicit values override it.
+    ``class_conditional``: a label embedding when the data is labelled. The other keys are
+    ``core.model.ModelConfig``'s (``mlp_ratio``, ``modulation``, ``attention_backend``,
+    ``rope_theta``): unset, they take its defaults, and it validates them."""
 
     preset: str | None = None
-    width: int | None = attrs.field(default=None, validator=_v.optional(_v.ge(8)))
-    depth: int | None = attrs.field(default=None, validator=_v.optional(_v.ge(1)))
-    heads: int | None = attrs.field(default=None, validator=_v.optional(_v.ge(1)))
-    mlp_ratio: float = attrs.field(default=4.0, validator=_v.gt(0))
+    width: int | None = None
+    depth: int | None = None
+    heads: int | None = None
     class_conditional: bool = True
-    modulation: str = attrs.field(default="factored", validator=_in("factored", "dense"))
-    attention_backend: str = attrs.field(default="auto", validator=_in("auto", "sdpa", "xformers"))
+    mlp_ratio: float | None = None
+    modulation: str | None = None
+    attention_backend: str | None = None
+    rope_theta: float | None = None
+
+    def core_options(self) -> dict[str, Any]:
+        """The keys that go to ``ModelConfig`` unchanged (unset ones: its defaults)."""
+        keys = ("mlp_ratio", "modulation", "attention_backend", "rope_theta")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 @attrs.frozen(kw_only=True)
-class ObjectiveSection:
-    """``name``: ``self-flow``, ``flow-matching`` or ``external-alignment`` (REPA-style).
+class ObjectiveSection(SelfFlowConfig):
+    """``name``: ``self-flow``, ``flow-matching`` or ``external-alignment`` (REPA-style,
+    aligned to each generated modality's reference network).
 
-    Time distribution ``time``: ``logit-normal`` (``time_mean``, ``time_std``) or
-    ``uniform``, optionally shifted by ``time_shift``. Self-Flow switches: ``representation``,
-    ``dual_timesteps``, ``attention_separation``, ``teacher_rule`` (``min`` or ``gap`` with
-    ``teacher_gap``), ``min_gap``/``max_gap`` between t and s, ``representation_tokens``
-    (``all`` or ``masked``), layers ``student_layer``/``teacher_layer`` (1-indexed; default
-    round(0.3 depth), round(0.7 depth)).
+    The Self-Flow switches (``gamma``, ``representation``, ``student_layer``,
+    ``teacher_layer``, ``representation_tokens``, ``attention_separation``,
+    ``label_dropout``) are ``core.objectives.SelfFlowConfig``'s own fields, defaults and
+    validators: this section derives from it. Added here: the time distribution ``time``
+    (``logit-normal`` with ``time_mean``, ``time_std``, or ``uniform``), optionally shifted
+    by ``time_shift``; ``dual_timesteps``; ``teacher_rule`` (``min``, or ``gap`` with
+    ``teacher_gap``); ``min_gap``/``max_gap`` between t and s.
     """
 
-    name: str = attrs.field(default="self-flow", validator=_in("self-flow", "flow-matching", "external-alignment"))
-    gamma: float = attrs.field(default=0.8, validator=_v.ge(0))
-    representation: bool = True
+    name: str = attrs.field(default="self-flow", validator=_one_of("OBJECTIVES"))
     dual_timesteps: bool = True
-    attention_separation: bool = False
-    teacher_rule: str = attrs.field(default="min", validator=_in("min", "gap"))
+    teacher_rule: str = attrs.field(default="min", validator=_one_of("TEACHER_RULES"))
     teacher_gap: float = attrs.field(default=0.2, validator=[_v.gt(0), _v.le(1)])
     min_gap: float | None = None
     max_gap: float | None = None
-    representation_tokens: str = attrs.field(default="all", validator=_in("all", "masked"))
-    student_layer: int | None = None
-    teacher_layer: int | None = None
-    label_dropout: float = attrs.field(default=0.1, validator=[_v.ge(0), _v.le(1)])
-    time: str = attrs.field(default="logit-normal", validator=_in("logit-normal", "uniform"))
+    time: str = attrs.field(default="logit-normal", validator=_one_of("TIME_SAMPLERS"))
     time_mean: float = 0.0
     time_std: float = attrs.field(default=1.0, validator=_v.gt(0))
     time_shift: float = attrs.field(default=1.0, validator=_v.gt(0))
-    encoder: str | None = None  # external-alignment: a registered metric/reference network name
 
-
-@attrs.frozen(kw_only=True)
-class EMASection:
-    """The EMA teacher / evaluation model. Short runs need a small decay (see SELF_FLOW_SPEC)."""
-
-    decay: float = attrs.field(default=0.999, validator=[_v.ge(0), _v.lt(1)])
-    warmup: bool = True
+    def self_flow(self) -> SelfFlowConfig:
+        """The core config this section derives from."""
+        return SelfFlowConfig(**{f.name: getattr(self, f.name) for f in attrs.fields(SelfFlowConfig)})
 
 
 @attrs.frozen(kw_only=True)
@@ -153,27 +199,33 @@ class SamplerSection:
 
 
 @attrs.frozen(kw_only=True)
-class OutputSection:
-    """Cadences in steps (0 = only at the end) and what the run writes."""
+class OutputSection(LoopOutput):
+    """Cadences in steps (0 = only at the end) and what the run writes. ``log_every``,
+    ``checkpoint_every``, ``keep_checkpoints`` and ``progress`` are the loop's own
+    (``core.loop.LoopOutput``); sampling: ``samples`` (write samples through each generated
+    modality's writer, at ``sample_every`` and at the end), ``samples_per_class`` (class-
+    conditional runs: one row per class), ``num_samples`` (unconditional runs)."""
 
-    log_every: int = attrs.field(default=25, validator=_v.ge(1))
+    samples: bool = True
     sample_every: int = attrs.field(default=0, validator=_v.ge(0))
-    checkpoint_every: int = attrs.field(default=0, validator=_v.ge(0))
-    keep_checkpoints: int = attrs.field(default=3, validator=_v.ge(1))
     samples_per_class: int = attrs.field(default=8, validator=_v.ge(1))
-    num_samples: int = attrs.field(default=64, validator=_v.ge(1))  # unconditional runs
-    progress: bool = True
+    num_samples: int = attrs.field(default=64, validator=_v.ge(1))
 
 
 @attrs.frozen(kw_only=True)
 class MetricSpec:
+    """One ``[[eval.metrics]]`` table: a registered media metric or model probe, the
+    modality it scores (default: the only generated one) and its options."""
+
     name: str
+    modality: str | None = None
     options: dict[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.frozen(kw_only=True)
 class EvalSection:
-    """Metrics run by ``selfflow eval`` and at the end of training (``at_end``)."""
+    """Metrics run by ``selfflow eval`` and, with ``at_end``, after the last training step
+    (the report goes to ``eval/`` in the run directory)."""
 
     metrics: list[MetricSpec] = attrs.field(factory=list)
     num_samples: int = attrs.field(default=500, validator=_v.ge(1))
@@ -185,9 +237,10 @@ class EvalSection:
 class RunConfig:
     run: RunSection = attrs.field(factory=RunSection)
     modalities: dict[str, ModalityConfig] = attrs.field(factory=dict)
+    streams: list[StreamConfig] = attrs.field(factory=list)
     model: ModelSection = attrs.field(factory=ModelSection)
     objective: ObjectiveSection = attrs.field(factory=ObjectiveSection)
-    ema: EMASection = attrs.field(factory=EMASection)
+    ema: EMAConfig = attrs.field(factory=EMAConfig)
     optimizer: OptimizerSection = attrs.field(factory=OptimizerSection)
     sampler: SamplerSection = attrs.field(factory=SamplerSection)
     output: OutputSection = attrs.field(factory=OutputSection)
@@ -196,7 +249,40 @@ class RunConfig:
     def __attrs_post_init__(self) -> None:
         if not self.modalities:
             raise ConfigError("config has no [modalities.NAME] table: add one, e.g. [modalities.image] "
-                              "with dataset = 'image/mnist' and tokenizer = 'image/patch'")
+                              "with tokenizer = 'image/patch', and a [[streams]] table with dataset = 'image/mnist'")
+        if not self.streams:
+            raise ConfigError("config has no [[streams]] table: add one, e.g. [[streams]] dataset = 'image/mnist', "
+                              "generate = ['image'] (or give the dataset in the modality's table: the short form)")
+        declared = sorted(self.modalities)
+        seen: dict[str, int] = {}
+        used: set[str] = set()
+        for i, st in enumerate(self.streams):
+            key = f"streams[{i}]"
+            if st.label in seen:
+                raise ConfigError(f"config key '{key}.name': stream name {st.label!r} is also streams[{seen[st.label]}]'s; "
+                                  "give each stream a distinct name")
+            seen[st.label] = i
+            for field in ("generate", "condition"):
+                for m in getattr(st, field):
+                    if m not in self.modalities:
+                        raise ConfigError(f"config key '{key}.{field}': {m!r} is not a modality of the run; "
+                                          f"declared: {declared} (add a [modalities.{m}] table)")
+            dup = sorted({m for m in st.modalities if st.modalities.count(m) > 1})
+            if dup:
+                raise ConfigError(f"config key '{key}.condition': {dup} are listed twice (a modality is generated or "
+                                  "a condition, not both; use condition_probability for sometimes-a-condition)")
+            for m in st.condition_probability:
+                if m not in st.generate:
+                    raise ConfigError(f"config key '{key}.condition_probability.{m}': {m!r} is not generated by this "
+                                      f"stream (generate = {st.generate}); only generated segments can be given clean")
+            batch = st.batch_size or self.run.batch_size
+            if batch % self.run.grad_accum:
+                raise ConfigError(f"config key '{key}.batch_size'={batch} is not divisible by run.grad_accum={self.run.grad_accum}")
+            used.update(st.modalities)
+        unused = sorted(set(self.modalities) - used)
+        if unused:
+            raise ConfigError(f"config table 'modalities.{unused[0]}': no stream uses it; add it to a stream's "
+                              "generate or condition list, or remove the table")
         if self.sampler.cfg_low > self.sampler.cfg_high:
             raise ConfigError("config key 'sampler.cfg_low' is larger than 'sampler.cfg_high'; the guidance interval is [cfg_low, cfg_high]")
         if self.run.batch_size % self.run.grad_accum:
@@ -206,162 +292,116 @@ class RunConfig:
     def run_dir_name(self) -> str:
         return self.run.name.replace("/", "-")
 
+    def batch_size(self, stream: StreamConfig) -> int:
+        """A stream's global batch of one optimiser step."""
+        return stream.batch_size or self.run.batch_size
 
-# ----------------------------------------------------------------------------- structuring
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "nothing (omit the key)"
-    if attrs.has(tp):
-        return "a table"
-    if origin in (dict, Mapping):
-        return "a table"
-    if origin in (list, tuple):
-        return "a list"
-    return getattr(tp, "__name__", str(tp))
+    def generated(self) -> list[str]:
+        """Every modality some stream generates, in first-seen order."""
+        return list(dict.fromkeys(m for st in self.streams for m in st.generate))
 
 
-def _convert(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(a, value, key)
-            except ConfigError as err:
-                errors.append(err)
-        raise errors[0] if len(errors) == 1 else ConfigError(
-            f"config key '{key}': expected {_type_name(tp)}, got {value!r}"
-        )
-    if attrs.has(tp):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"config key '{key}': expected a table, got {value!r}")
-        return structure(tp, value, where=key)
-    if origin in (dict, Mapping):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"config key '{key}': expected a table, got {value!r}")
-        _, vt = typing.get_args(tp) or (str, Any)
-        return {k: _convert(vt, v, f"{key}.{k}") for k, v in value.items()}
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise ConfigError(f"config key '{key}': expected a list of {len(args)} values, got {value!r}")
-            return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-        item = args[0] if args else Any
-        return [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
-        return value
-    return value
+# ----------------------------------------------------------------------------- the short form and old files
+
+_MOVED = {
+    "condition": "the condition is now a modality of its own",
+    "condition_options": "the condition is now a modality of its own",
+    "probability": "the share of mini-batches is now a stream's",
+}
 
 
-def structure(cls: type, data: Mapping[str, Any], *, where: str = "") -> Any:
-    """Build the attrs class ``cls`` from a TOML table, validating every key."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"config key '{where}': expected a table, got {data!r}")
-    fields = {f.name: f for f in attrs.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    prefix = f"{where}." if where else ""
-    for key in data:
-        if key not in fields:
-            near = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(fields)}"
-            raise ConfigError(f"config key '{prefix}{key}': unknown key{hint}")
-    kwargs = {k: _convert(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except TypeError as err:
-        missing = [n for n, f in fields.items() if f.default is attrs.NOTHING and n not in data]
-        if missing:
-            raise ConfigError(f"config key '{prefix}{missing[0]}': required but missing") from err
-        raise ConfigError(f"config table '{where or 'top level'}': {err}") from err
-    except ValueError as err:
-        raise ConfigError(_validator_message(err, prefix)) from err
-
-
-def _validator_message(err: ValueError, prefix: str) -> str:
-    # attrs validators raise ValueError(msg, attribute, bound, value)
-    if len(err.args) >= 4 and isinstance(err.args[1], attrs.Attribute):
-        attr, bound, value = err.args[1], err.args[2], err.args[3]
-        msg = str(err.args[0])
-        if "must be in" in msg:
-            return f"config key '{prefix}{attr.name}': expected one of {list(bound)}, got {value!r}"
-        return f"config key '{prefix}{attr.name}': {msg}"
-    msg = str(err.args[0]) if err.args else str(err)
-    m = re.match(r"^'(\w+)' (.*)$", msg)  # attrs' number validators: "'steps' must be >= 1: 0"
-    if m:
-        return f"config key '{prefix}{m.group(1)}': {m.group(2)}"
-    return f"config table '{prefix.rstrip('.') or 'top level'}': {msg}"
-
-
-def unstructure(obj: Any) -> Any:
-    if attrs.has(type(obj)):
-        return {f.name: unstructure(getattr(obj, f.name)) for f in attrs.fields(type(obj))}
-    if isinstance(obj, Mapping):
-        return {k: unstructure(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [unstructure(v) for v in obj]
-    return obj
+def normalise(data: dict[str, Any]) -> dict[str, Any]:
+    """The short form of a single-stream run -- ``dataset`` (and ``dataset_options``) in
+    the one ``[modalities.NAME]`` table -- becomes one ``[[streams]]`` table generating that
+    modality; keys of the old shape get an error that explains the new one."""
+    mods = data.get("modalities")
+    if not isinstance(mods, dict):
+        return data
+    for name, table in mods.items():
+        if not isinstance(table, dict):
+            continue
+        for key, why in _MOVED.items():
+            if key in table:
+                raise ConfigError(
+                    f"config key 'modalities.{name}.{key}': {why} (the run-config shape changed). The model's "
+                    "modalities are [modalities.NAME] tables (tokenizer, mask_ratio, loss_weight, reference); a "
+                    "mini-batch is a [[streams]] table: dataset, dataset_options, "
+                    f"generate = ['{name}'], condition = ['text'], probability, batch_size. A text condition: "
+                    "add [modalities.text] with tokenizer = 'text/chars' and condition = ['text'] in the stream. "
+                    "See the README's 'Run configs'"
+                )
+    short = [n for n, t in mods.items() if isinstance(t, dict) and ("dataset" in t or "dataset_options" in t)]
+    if not short:
+        return data
+    if "streams" in data:
+        raise ConfigError(f"config key 'modalities.{short[0]}.dataset': the run has [[streams]] tables, so the "
+                          "dataset goes in a stream (dataset = ..., generate = [...]), not in the modality's table")
+    if len(short) > 1:
+        raise ConfigError(f"config key 'modalities.{short[1]}.dataset': the short form (a dataset in the modality's "
+                          "table) takes one modality; for several, write [[streams]] tables")
+    name = short[0]
+    table = dict(mods[name])
+    if "dataset" not in table:
+        raise ConfigError(f"config key 'modalities.{name}.dataset': required with dataset_options (the short form)")
+    stream: dict[str, Any] = {"dataset": table.pop("dataset"), "generate": [name]}
+    if "dataset_options" in table:
+        stream["dataset_options"] = table.pop("dataset_options")
+    return {**data, "modalities": {**mods, name: table}, "streams": [stream]}
 
 
 # ----------------------------------------------------------------------------- TOML in and out
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``"objective.gamma=0.5"`` -> (["objective", "gamma"], 0.5); values are TOML
-    (``true``, ``[1, 2]``, ``{steps = 25}``); anything else is taken as a string."""
+def parse_override(item: str) -> tuple[list[str | int], Any]:
+    """``"objective.gamma=0.5"`` -> (["objective", "gamma"], 0.5); ``streams[0].batch_size=8``
+    indexes an array of tables; values are TOML (``true``, ``[1, 2]``, ``{steps = 25}``);
+    anything else is taken as a string."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. --set objective.gamma=0.5)")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r} has an empty key")
+    path: list[str | int] = []
+    for part in key.split("."):
+        m = re.fullmatch(r"([^\[\]]+)((?:\[\d+\])*)", part)
+        if m is None:
+            raise ConfigError(f"override {item!r}: {part!r} is not a key or key[index]")
+        path.append(m.group(1))
+        path.extend(int(i) for i in re.findall(r"\[(\d+)\]", m.group(2)))
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
-    return key.split("."), value
+    return path, value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
+        node: Any = data
+        for part, nxt_part in zip(path[:-1], path[1:]):
+            if isinstance(part, int):
+                if not isinstance(node, list) or not -len(node) <= part < len(node):
+                    size = len(node) if isinstance(node, list) else 0
+                    hint = ("; this run gives its dataset in the short form: override "
+                            "modalities.NAME.dataset_options... instead") if path[0] == "streams" and not size else ""
+                    raise ConfigError(f"override {item!r}: index [{part}] is outside the {size} tables there{hint}")
+                node = node[part]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is inside a value, not a table")
+            nxt = node.setdefault(part, [] if isinstance(nxt_part, int) else {})
+            if not isinstance(nxt, (dict, list)):
                 raise ConfigError(f"override {item!r}: '{part}' is a value, not a table")
             node = nxt
-        node[path[-1]] = value
+        last = path[-1]
+        if isinstance(last, int):
+            if not isinstance(node, list) or not -len(node) <= last < len(node):
+                raise ConfigError(f"override {item!r}: index [{last}] is outside the tables there")
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: cannot set '{last}' inside a value")
+        node[last] = value
     return data
 
 
@@ -373,8 +413,9 @@ def parse_toml(text: str, *, source: str = "<config>") -> dict[str, Any]:
 
 
 def load_config(text: str, overrides: list[str] | None = None, *, source: str = "<config>") -> RunConfig:
+    """Parse, apply ``--set`` overrides, expand the short form, validate."""
     data = apply_overrides(parse_toml(text, source=source), list(overrides or []))
-    return structure(RunConfig, data)
+    return structure(RunConfig, normalise(data))
 
 
 def load_config_file(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -384,49 +425,7 @@ def load_config_file(path: str | Path, overrides: list[str] | None = None) -> Ru
     return load_config(path.read_text(), overrides, source=str(path))
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, Mapping):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
-    raise TypeError(f"cannot write {v!r} as TOML")
-
-
-def _toml_key(k: str) -> str:
-    return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
-
-
 def to_toml(config: RunConfig) -> str:
-    """The resolved config as TOML (``None`` values are omitted: they mean "default")."""
-    data = unstructure(config)
-    lines: list[str] = []
-
-    def table(name: str, body: Mapping[str, Any]) -> None:
-        lines.append(f"[{name}]")
-        for k, v in body.items():
-            if v is None:
-                continue
-            if isinstance(v, list) and v and all(isinstance(x, Mapping) for x in v):
-                continue  # arrays of tables below
-            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
-        lines.append("")
-        for k, v in body.items():
-            if isinstance(v, list) and v and all(isinstance(x, Mapping) for x in v):
-                for item in v:
-                    lines.append(f"[[{name}.{k}]]")
-                    lines.extend(f"{_toml_key(a)} = {_toml_value(b)}" for a, b in item.items() if b is not None)
-                    lines.append("")
-
-    for section, body in data.items():
-        if section == "modalities":
-            for name, mod in body.items():
-                table(f"modalities.{_toml_key(name)}", mod)
-        else:
-            table(section, body)
-    return "\n".join(lines)
+    """The resolved config as TOML (always the long form; ``None`` values are omitted: they
+    mean "default")."""
+    return _to_toml(unstructure(config))

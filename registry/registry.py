@@ -94,7 +94,7 @@ class Registry(Generic[T]):
             if options:
                 raise ValueError(f"{self.kind} {name!r} takes no options, got {sorted(options)}")
             return entry.factory(None, **context)
-        from selfflow.registry.config import structure  # validated, with key-naming errors
+        from selfflow.registry.structuring import structure  # validated, with key-naming errors
 
         config = structure(entry.config_cls, options, where=f"{self.kind} {name!r}")
         return entry.factory(config, **context)
@@ -116,19 +116,48 @@ class Register:
 
 @attrs.define
 class Registries:
-    """All registries of one plugin manager."""
+    """All registries of one plugin manager, one per hook (``plugins/hookspecs.py``)."""
 
     tokenizers: Registry[Any] = attrs.field(factory=lambda: Registry("tokenizer"))
     datasets: Registry[Any] = attrs.field(factory=lambda: Registry("dataset"))
+    writers: Registry[Any] = attrs.field(factory=lambda: Registry("writer"))
+    references: Registry[Any] = attrs.field(factory=lambda: Registry("reference network"))
     metrics: Registry[Any] = attrs.field(factory=lambda: Registry("metric"))
+    probes: Registry[Any] = attrs.field(factory=lambda: Registry("probe"))
     samplers: Registry[Any] = attrs.field(factory=lambda: Registry("sampler"))
     runs: Registry[Any] = attrs.field(factory=lambda: Registry("run"))
 
     def kinds(self) -> dict[str, Registry[Any]]:
+        """Hook suffix -> registry (``selfflow_register_<kind>``)."""
         return {
             "tokenizers": self.tokenizers,
             "datasets": self.datasets,
+            "writers": self.writers,
+            "references": self.references,
             "metrics": self.metrics,
+            "probes": self.probes,
             "samplers": self.samplers,
             "runs": self.runs,
         }
+
+    def measure(self, name: str) -> tuple[str, Entry[Any]]:
+        """A metric or probe by name: ``("metrics" | "probes", entry)``. The two kinds share
+        one name space (``--metric NAME`` finds either); a name in both is an error."""
+        in_metrics, in_probes = name in self.metrics, name in self.probes
+        if in_metrics and in_probes:
+            raise RegistryError(
+                f"{name!r} is registered both as a metric (plugin {self.metrics.get(name).plugin!r}) and as a "
+                f"probe (plugin {self.probes.get(name).plugin!r}); rename one of them"
+            )
+        if in_probes:
+            return "probes", self.probes.get(name)
+        if in_metrics:
+            return "metrics", self.metrics.get(name)
+        candidates = self.metrics.names() + self.probes.names()
+        near = closest(name, candidates)
+        hint = f"; did you mean {', '.join(repr(c) for c in near)}?" if near else ""
+        extra = ""
+        if name in self.references or name.rsplit("/", 1)[0] in self.references:
+            extra = (" (a reference network is not a metric: it is what fd, kid and class-accuracy measure with; "
+                     "pick it with [modalities.NAME] reference = ...)")
+        raise RegistryError(f"unknown metric {name!r}{hint}{extra} (known: {', '.join(sorted(candidates)) or 'none'})")

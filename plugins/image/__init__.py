@@ -1,4 +1,5 @@
-"""The built-in ``image`` plugin: image tokenizers and datasets."""
+"""The built-in ``image`` plugin: image tokenizers, datasets, the PNG grid writer, the image
+reference network and the legibility metric."""
 
 from __future__ import annotations
 
@@ -37,13 +38,29 @@ def selfflow_register_datasets(register) -> None:
 
 
 @hookimpl
-def selfflow_register_metrics(register) -> None:
-    from selfflow.plugins.image.legibility import LegibilityConfig, legibility
+def selfflow_register_references(register) -> None:
     from selfflow.plugins.image.reference import ImageReference, ImageReferenceConfig
 
-    register.add("image/reference", ImageReference.from_config, ImageReferenceConfig,
+    register.add("image", ImageReference.from_config, ImageReferenceConfig,
                  "small CNN classifier trained on the run's images (cached by data+config hash): "
                  "feature network for fd/kid/class-accuracy and REPA")
 
+
+@hookimpl
+def selfflow_register_metrics(register) -> None:
+    from selfflow.plugins.image.legibility import LegibilityConfig, legibility
+
     register.add("image/legibility", legibility, LegibilityConfig,
                  "exact-word and character accuracy of images read by tesseract (Debian tesseract-ocr)")
+
+
+@hookimpl
+def selfflow_register_writers(register) -> None:
+    from selfflow.plugins.image.writer import ImageWriter, ImageWriterConfig
+
+    register.add(
+        "image",
+        ImageWriter.from_config,
+        ImageWriterConfig,
+        "one labelled PNG grid per batch (a row per run of equal labels), shown as <img> in samples.html",
+    )

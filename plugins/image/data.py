@@ -58,7 +58,7 @@ class DigitsConfig:
 class ArrayImageDataset:
     """A labelled image dataset held in memory as one ``(M, 1, size, size)`` tensor."""
 
-    modality = "image"
+    modalities = ("image",)
     class_names = DIGIT_NAMES
     num_classes = 10
 
@@ -79,7 +79,7 @@ class ArrayImageDataset:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> Example:
-        return Example(media=self.images[i], label=int(self.labels[i]))
+        return Example(media={"image": self.images[i]}, label=int(self.labels[i]))
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()

@@ -129,7 +129,7 @@ def _listing(items: list[tuple[Path, str]]) -> str:
 class FolderDataset:
     """Images of one split of a folder, decoded once, held as uint8 ``(M, C, size, size)``."""
 
-    modality = "image"
+    modalities = ("image",)
 
     def __init__(self, config: FolderConfig, *, split: str, seed: int) -> None:
         if split not in ("train", "eval"):
@@ -194,7 +194,7 @@ class FolderDataset:
     def __getitem__(self, i: int) -> Example:
         media = self.images[i].float().div(127.5).sub(1.0)
         label = int(self.labels[i]) if self.num_classes else None
-        return Example(media=media, label=label)
+        return Example(media={"image": media}, label=label)
 
     def fingerprint(self) -> str:
         return self._fingerprint

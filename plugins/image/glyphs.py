@@ -5,7 +5,7 @@ that ship inside matplotlib, so no system font is needed) at a random size, posi
 colour pair. Item ``i`` of a split depends only on ``(seed, split, i)``: items are rendered on
 demand, in any order, and identical on every machine with the same Pillow and fonts.
 
-``Example(media=(C, size, size) float in [-1, 1], label=index of the word, text=the word)``:
+``Example(media={"image": (C, size, size) float in [-1, 1], "text": the word}, label=index of the word)``:
 ``text`` becomes a condition segment through ``text/chars``, ``label`` a class condition.
 """
 
@@ -154,7 +154,7 @@ def _file_digest(path: str) -> str:
 class GlyphsDataset:
     """Rendered words; item ``i`` of ``split`` is a pure function of ``(seed, split, i)``."""
 
-    modality = "image"
+    modalities = ("image", "text")
 
     def __init__(self, config: GlyphsConfig, *, split: str, seed: int) -> None:
         if split not in _SPLITS:
@@ -180,7 +180,7 @@ class GlyphsDataset:
         word = self.vocabulary[label]
         pixels = render(word, rng, self.config, self.fonts)
         media = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-        return Example(media=media.contiguous(), label=label, text=word)
+        return Example(media={"image": media.contiguous(), "text": word}, label=label)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from selfflow.core.types import Role, Segment, grid_positions
+from selfflow.core.types import Segment, grid_positions
 
 
 def grid_of(segment: Segment) -> tuple[int, int]:
@@ -16,12 +16,12 @@ def grid_of(segment: Segment) -> tuple[int, int]:
     return int(segment.positions[0, :, 1].max()) + 1, int(segment.positions[0, :, 2].max()) + 1
 
 
-def to_segment(z: Tensor, shift: Tensor, scale: Tensor, *, modality: str, role: Role) -> Segment:
+def to_segment(z: Tensor, shift: Tensor, scale: Tensor, *, modality: str) -> Segment:
     b, ch, h, w = z.shape
     z = (z - shift[:, None, None]) / scale[:, None, None]
     tokens = z.permute(0, 2, 3, 1).reshape(b, h * w, ch)
     pos = grid_positions(1, h, w, batch=b, device=z.device)
-    return Segment(modality=modality, tokens=tokens.contiguous(), positions=pos, role=role)
+    return Segment(modality=modality, tokens=tokens.contiguous(), positions=pos)
 
 
 def to_latents(segment: Segment, shift: Tensor, scale: Tensor, *, channels: int, name: str) -> Tensor:

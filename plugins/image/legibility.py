@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from selfflow.plugins.protocols import MetricResult
+from selfflow.plugins.protocols import MetricContext, MetricResult
 
 INSTALL_HINT = "install the Debian package 'tesseract-ocr' (apt-get install -y tesseract-ocr)"
 
@@ -131,8 +131,6 @@ class TextLegibility:
     """
 
     name = "legibility"
-    requires = frozenset({"fake", "labels"})
-
     def __init__(self, config: LegibilityConfig | None = None, *, vocabulary: Sequence[str] | None = None) -> None:
         self.config = config or LegibilityConfig()
         self.binary = find_tesseract(self.config.binary)
@@ -141,8 +139,9 @@ class TextLegibility:
         self._texts: list[str] = []
 
     @classmethod
-    def from_config(cls, config: LegibilityConfig | None, *, dataset=None, **context) -> TextLegibility:
-        vocabulary = getattr(dataset, "class_names", None) if dataset is not None else None
+    def from_config(cls, config: LegibilityConfig | None, *, context: MetricContext) -> TextLegibility:
+        """The vocabulary is the class names of the context's data (``image/glyphs``' words)."""
+        vocabulary = getattr(context.eval_dataset, "class_names", None)
         return cls(config, vocabulary=vocabulary or None)
 
     def reset(self) -> None:
@@ -233,5 +232,5 @@ class TextLegibility:
         ]
 
 
-def legibility(config: LegibilityConfig | None, **context) -> TextLegibility:
-    return TextLegibility.from_config(config, **context)
+def legibility(config: LegibilityConfig | None, *, context: MetricContext) -> TextLegibility:
+    return TextLegibility.from_config(config, context=context)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,6 +10,30 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+
+MAX_LABEL_WIDTH = 160  # pixels; a grid's label column never grows past this
+FONT_SIZE = 11
+
+
+@functools.cache
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """DejaVu Sans from matplotlib's fonts (Pillow's built-in font drops spaces at this size)."""
+    try:
+        import matplotlib
+
+        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), FONT_SIZE)
+    except (ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> str:
+    """``text`` on one line, cut with an ellipsis to at most ``width`` pixels."""
+    text = " ".join(text.split())
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "\u2026", font=font) > width:
+        text = text[:-1]
+    return text + "\u2026"
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -29,7 +54,9 @@ def save_grid(
     """Save ``images (B, C, H, W)`` in [-1, 1] as a grid PNG, ``rows`` rows (one per class
     when the images are ordered class by class), with a label left of each row.
 
-    ``scale`` (0: automatic) enlarges small images with nearest-neighbour pixels.
+    ``scale`` (0: automatic) enlarges small images with nearest-neighbour pixels. The label
+    column is as wide as the longest label (at most ``MAX_LABEL_WIDTH`` pixels; longer
+    labels are cut with an ellipsis) and the canvas at least as wide as the title.
     """
     arr = to_uint8(images)
     b, h, w, c = arr.shape
@@ -37,11 +64,14 @@ def save_grid(
     cols = int(np.ceil(b / rows))
     scale = scale or max(1, 64 // max(h, w))
     hs, ws, pad = h * scale, w * scale, 2
-    left = 28 if row_labels else 0
+    font = _font()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    shown = [_fit(measure, str(label), font, MAX_LABEL_WIDTH) for label in row_labels[:rows]] if row_labels else []
+    left = 8 + int(max(measure.textlength(label, font=font) for label in shown)) if shown else 0
     top = 18 if title else 0
-    canvas = Image.new("RGB", (left + cols * (ws + pad) + pad, top + rows * (hs + pad) + pad), (255, 255, 255))
+    width = max(left + cols * (ws + pad) + pad, 8 + int(measure.textlength(title, font=font)) if title else 0)
+    canvas = Image.new("RGB", (width, top + rows * (hs + pad) + pad), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
     if title:
         draw.text((4, 2), title, fill=(0, 0, 0), font=font)
     for i in range(b):
@@ -49,9 +79,8 @@ def save_grid(
         tile = Image.fromarray(arr[i, :, :, 0] if c == 1 else arr[i], mode="L" if c == 1 else "RGB").convert("RGB")
         tile = tile.resize((ws, hs), Image.NEAREST)
         canvas.paste(tile, (left + pad + k * (ws + pad), top + pad + r * (hs + pad)))
-    if row_labels:
-        for r, label in enumerate(row_labels[:rows]):
-            draw.text((4, top + pad + r * (hs + pad) + hs // 2 - 6), str(label), fill=(0, 0, 0), font=font)
+    for r, label in enumerate(shown):
+        draw.text((4, top + pad + r * (hs + pad) + hs // 2 - 6), label, fill=(0, 0, 0), font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)

@@ -6,7 +6,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from selfflow.core.types import Role, Segment, grid_positions
+from selfflow.core.types import Segment, grid_positions
 
 
 @attrs.frozen(kw_only=True)
@@ -32,10 +32,10 @@ class PatchTokenizer:
     """Image ``(B, C, H, W)`` in [-1, 1] <-> tokens ``(B, (H/p)(W/p), C p p)``."""
 
     modality = "image"
+    mask_ratio = 0.25  # the paper's image mask ratio
 
-    def __init__(self, config: PatchConfig | None = None, *, role: str = "generate") -> None:
+    def __init__(self, config: PatchConfig | None = None) -> None:
         self.config = config or PatchConfig()
-        self.role = role
 
     @classmethod
     def from_config(cls, config: PatchConfig | None, **context) -> PatchTokenizer:
@@ -48,13 +48,16 @@ class PatchTokenizer:
     def fit(self, dataset, *, cache_dir: str | None = None, generator: torch.Generator | None = None) -> None:
         """Nothing to learn."""
 
+    def cache_key(self) -> str:
+        return f"image/patch:{self.config.patch}:{self.config.image_channels}"
+
     def encode(self, media: Tensor) -> Segment:
         p, c = self.config.patch, self.config.image_channels
         check_image_batch(media, c, p)
         b, _, h, w = media.shape
         x = media.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
         pos = grid_positions(1, h // p, w // p, batch=b, device=media.device)
-        return Segment(modality=self.modality, tokens=x.contiguous(), positions=pos, role=Role(self.role))
+        return Segment(modality=self.modality, tokens=x.contiguous(), positions=pos)
 
     def decode(self, segment: Segment) -> Tensor:
         p, c = self.config.patch, self.config.image_channels

@@ -17,10 +17,8 @@ output ``(B, num_classes)``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -30,9 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfflow.core.types import Segment
+from selfflow.plugins.image.latents import grid_of
+from selfflow.plugins.protocols import ReferenceContext
+
+from selfflow.core.files import META, CacheEntry, content_key, write_entry
+
 NAME = "image/classifier"
 _FORMAT = 1  # bump when the architecture or training changes: old caches are then ignored
-_WEIGHTS, _META = "weights.safetensors", "meta.json"
+_WEIGHTS, _META = "weights.safetensors", META
 
 
 def _positive(instance: object, attribute: attrs.Attribute, value: int) -> None:
@@ -207,12 +211,12 @@ class ImageReference:
     def token_feature_dim(self) -> int:
         return int(self.meta["arch"]["widths"][-1])
 
-    def token_features(self, images: Tensor, grid: tuple[int, int]) -> Tensor:
-        """One frozen feature vector per token of a ``(gh, gw)`` grid, raster order:
-        ``(B, gh * gw, token_feature_dim)`` from the last conv stage, average-pooled to the
-        grid (bilinearly resized where the grid is finer). The encoder of REPA-style
-        external alignment."""
-        gh, gw = grid
+    def token_features(self, images: Tensor, segment: Segment) -> Tensor:
+        """One frozen feature vector per token of ``segment`` (the raster grid an image
+        tokenizer made of ``images``): ``(B, gh * gw, token_feature_dim)`` from the last conv
+        stage, average-pooled to the grid (bilinearly resized where the grid is finer). The
+        encoder of REPA-style external alignment."""
+        gh, gw = grid_of(segment)
 
         def per_token(x: Tensor) -> Tensor:
             m = self.net.feature_map(x)
@@ -238,23 +242,13 @@ class ImageReference:
     # -- construction
 
     @classmethod
-    def from_config(
-        cls,
-        config: ImageReferenceConfig | None,
-        *,
-        dataset,
-        train_dataset=None,
-        cache_dir: str | os.PathLike | None = None,
-        device: torch.device | str | None = None,
-        progress: bool = True,
-        **context: Any,
-    ) -> ImageReference:
-        """Registry factory. ``dataset`` is the run's eval dataset: with ``train_dataset``
-        the network trains on that and is scored on ``dataset``; without, it trains on
-        ``dataset`` minus a held-out ``eval_fraction``."""
-        if train_dataset is None:
-            return cls.fit(dataset, config, cache_dir=cache_dir, device=device, progress=progress)
-        return cls.fit(train_dataset, config, eval_dataset=dataset, cache_dir=cache_dir, device=device, progress=progress)
+    def from_config(cls, config: ImageReferenceConfig | None, *, context: ReferenceContext) -> ImageReference:
+        """Registry factory (``selfflow_register_references``): trains on the context's
+        training data, scored on its eval data (cached)."""
+        if context.modality != "image" and "image" not in getattr(context.train_dataset, "modalities", ()):
+            raise ValueError(f"the image reference network reads images; modality {context.modality!r} has none")
+        return cls.fit(context.train_dataset, config, eval_dataset=context.eval_dataset, cache_dir=context.cache_dir,
+                       device=context.device, progress=context.progress)
 
     @classmethod
     def fit(
@@ -273,32 +267,21 @@ class ImageReference:
         config = config or ImageReferenceConfig()
         device = torch.device(device or "cpu")
         key = cache_key(dataset, config, eval_dataset)
-        path = Path(cache_dir) / "reference" / f"image-{key}" if cache_dir is not None else None
-        if path is not None and (path / _META).is_file():
-            return cls.load(path, device=device, from_cache=True)
+        entry = CacheEntry(cache_dir, "reference", f"image-{key}") if cache_dir is not None else None
+        if entry is not None and entry.exists():
+            return cls.load(entry.path, device=device, from_cache=True)
 
         ref = _train(dataset, config, eval_dataset=eval_dataset, key=key, device=device, progress=progress)
-        if path is not None:
-            ref.save(path)
+        if entry is not None:
+            ref.save(entry.path)
         return ref
 
     def save(self, path: str | os.PathLike) -> None:
-        """Weights as safetensors + metadata as JSON, written to a temporary directory and
-        renamed into place (readers never see half a cache entry)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
-        save_file(state, str(tmp / _WEIGHTS), metadata={"format": str(_FORMAT), "name": self.name})
-        (tmp / _META).write_text(json.dumps(self.meta, indent=2, sort_keys=True) + "\n")
-        try:
-            os.replace(tmp, path)
-        except OSError:  # another process cached the same key first; theirs is as good
-            shutil.rmtree(tmp, ignore_errors=True)
+        """Weights as safetensors + metadata as JSON (written last), in a temporary directory
+        renamed into place (``core/files.write_entry``: readers never see half an entry)."""
+        with write_entry(path) as w:
+            w.save_tensors(_WEIGHTS, self.net.state_dict(), metadata={"format": str(_FORMAT), "name": self.name})
+            w.set_meta(self.meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: torch.device | str | None = None, from_cache: bool = False) -> ImageReference:
@@ -318,16 +301,15 @@ class ImageReference:
 
 def cache_key(dataset, config: ImageReferenceConfig, eval_dataset=None) -> str:
     """Hash of what determines the trained network: the data, the held-out data, the config."""
-    blob = json.dumps(
+    return content_key(
         {
             "format": _FORMAT,
             "train": dataset.fingerprint(),
             "eval": eval_dataset.fingerprint() if eval_dataset is not None else None,
-            "config": attrs.asdict(config),
+            "config": config,
         },
-        sort_keys=True,
+        length=16,
     )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- training
@@ -341,7 +323,7 @@ def _stack(dataset, indices: Tensor | None = None) -> tuple[Tensor, Tensor]:
         ex = dataset[i]
         if ex.label is None:
             raise ValueError(f"the image reference network needs labelled data; item {i} of {type(dataset).__name__} has no label")
-        images.append(torch.as_tensor(ex.media, dtype=torch.float32))
+        images.append(torch.as_tensor(ex.media["image"], dtype=torch.float32))
         labels.append(ex.label)
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 

@@ -20,7 +20,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from selfflow.core.types import Role, Segment
+from selfflow.core.types import Segment
 from selfflow.plugins.image import latents
 from selfflow.plugins.image.patch import check_image_batch
 
@@ -85,16 +85,16 @@ class SDVAETokenizer:
     f = 2 ** (number of encoder blocks - 1) (8 for Stable Diffusion's VAE)."""
 
     modality = "image"
+    mask_ratio = 0.25  # the paper's image mask ratio
 
-    def __init__(self, config: SDVAEConfig, *, role: str = "generate") -> None:
+    def __init__(self, config: SDVAEConfig) -> None:
         self.config = config
-        self.role = Role(role)
         self.vae = None  # loaded by fit / load: construction touches no file
         self.shift = self.scale = None
 
     @classmethod
     def from_config(cls, config: SDVAEConfig, **context) -> SDVAETokenizer:
-        return cls(config, role=context.get("role", "generate"))
+        return cls(config)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **options) -> SDVAETokenizer:
@@ -125,10 +125,18 @@ class SDVAETokenizer:
 
     def fit(self, dataset, *, cache_dir: str | None = None, generator: torch.Generator | None = None) -> None:
         """Pretrained: loads the model and checks the data fits it; nothing is trained."""
-        if getattr(dataset, "modality", None) != "image":
-            raise ValueError(f"image/sd-vae encodes image datasets, got modality {getattr(dataset, 'modality', None)!r}")
+        if "image" not in getattr(dataset, "modalities", ()):
+            raise ValueError(f"image/sd-vae encodes images, the dataset has {getattr(dataset, 'modalities', None)!r}")
         self.load()
-        check_image_batch(torch.as_tensor(dataset[0].media)[None], self.image_channels, self.downsample)
+        check_image_batch(torch.as_tensor(dataset[0].media["image"])[None], self.image_channels, self.downsample)
+
+    def cache_key(self) -> str | None:
+        """The weights' path and options; ``None`` when latents are sampled (every encoding differs)."""
+        if self.config.sample:
+            return None
+        from selfflow.core.files import content_key
+
+        return content_key("image/sd-vae", self.config)
 
     def _ready(self, device: torch.device) -> None:
         self.load()
@@ -142,7 +150,7 @@ class SDVAETokenizer:
         self._ready(media.device)
         posterior = self.vae.encode(media.float()).latent_dist
         z = posterior.sample() if self.config.sample else posterior.mean
-        return latents.to_segment(z, self.shift, self.scale, modality=self.modality, role=self.role)
+        return latents.to_segment(z, self.shift, self.scale, modality=self.modality)
 
     @torch.no_grad()
     def decode(self, segment: Segment) -> Tensor:

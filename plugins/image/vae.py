@@ -7,13 +7,15 @@ sees roughly unit-variance latents. ``decode`` inverts that and clamps to [-1, 1
 
 ``fit`` picks the first of:
 1. ``checkpoint`` in the config: load that local file (a ``.safetensors`` this module wrote);
-2. ``cache_dir``: ``<cache_dir>/image-vae/<key>.safetensors`` + ``<key>.json``, where the key
-   hashes the dataset's ``fingerprint()`` and every config field that changes the weights;
+2. ``cache_dir``: the entry ``<cache_dir>/image-vae/<key>/`` (``core/files.CacheEntry``,
+   written atomically), where the key hashes the dataset's ``fingerprint()`` and every
+   config field that changes the weights;
 3. train (AdamW, MSE + ``kl_weight`` * KL, tqdm progress bar), then measure the
    reconstruction on held-out items and write the cache.
 
 Weights, latent statistics and metadata live in one safetensors file (tensors + a JSON
-header); the ``.json`` beside it is a readable copy. Nothing is ever unpickled. A cache file
+header), ``weights.safetensors``, which also serves as a ``checkpoint``; the entry's
+``meta.json`` is a readable copy. Nothing is ever unpickled. A cache file
 that cannot be read is **retrained with a warning** naming the file (a cache can always be
 rebuilt); an unreadable ``checkpoint`` is an error naming the file (it cannot).
 """
@@ -21,7 +23,6 @@ rebuilt); an unreadable ``checkpoint`` is an error naming the file (it cannot).
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
 import math
 import os
@@ -32,10 +33,11 @@ import attrs
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from selfflow.core.files import CacheEntry, content_key
 from selfflow.core.types import Role, Segment
 from selfflow.plugins.image import latents
 from selfflow.plugins.image.patch import check_image_batch
@@ -43,6 +45,7 @@ from selfflow.plugins.image.patch import check_image_batch
 FORMAT = 1  # bump when the network or the file layout changes: old caches stop matching
 _WEIGHTS = ("image_channels", "base_channels", "downsample", "latent_channels", "blocks")
 _RUNTIME = {"checkpoint", "sample", "device", "progress"}  # fields that never change the weights
+_CACHE, _FILE = "image-vae", "weights.safetensors"  # <cache_dir>/image-vae/<key>/weights.safetensors
 
 
 def _multiple_of_8(inst, attribute, value) -> None:
@@ -205,8 +208,7 @@ class ImageVAETokenizer:
     def cache_key(self, dataset) -> str:
         """Hash of the data fingerprint, the file format and every field that changes the weights."""
         fields = {f.name: getattr(self.config, f.name) for f in attrs.fields(ImageVAEConfig) if f.name not in _RUNTIME}
-        text = json.dumps({"format": FORMAT, "data": dataset.fingerprint(), "config": fields}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:20]
+        return content_key({"format": FORMAT, "data": dataset.fingerprint(), "config": fields})
 
     # -- fit
 
@@ -224,17 +226,18 @@ class ImageVAETokenizer:
             _check_compatible(meta["config"], c, path)
             self._load(tensors, meta, path, FitSource.CHECKPOINT)
             return
-        path = Path(cache_dir) / "image-vae" / f"{self.cache_key(dataset)}.safetensors" if cache_dir else None
-        if path is not None and path.exists():
+        entry = CacheEntry(cache_dir, _CACHE, self.cache_key(dataset)) if cache_dir else None
+        path = entry.path / _FILE if entry is not None else None
+        if entry is not None and entry.exists():
             try:
                 tensors, meta = _read(path)
                 self._load(tensors, meta, path, FitSource.CACHE)
                 return
-            except ValueError as err:
+            except (ValueError, OSError) as err:
                 warnings.warn(f"image/vae: ignoring the unreadable cache file {path} ({err}); retraining and overwriting it", stacklevel=2)
         self._train(dataset, seed)
-        if path is not None:
-            _write(path, self._tensors(), self._meta(dataset))
+        if entry is not None:
+            _write(entry, self._tensors(), self._meta(dataset))
         self.path = path
 
     def _train(self, dataset, seed: int) -> None:
@@ -376,16 +379,12 @@ def _check_compatible(saved: dict, c: ImageVAEConfig, path: Path) -> None:
             )
 
 
-def _write(path: Path, tensors: dict[str, Tensor], meta: dict) -> None:
-    """Atomic: write beside, then rename, so a crash never leaves a half-written cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(meta, indent=2, sort_keys=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata={"selfflow": text})
-    os.replace(tmp, path)
-    tmp_json = tmp.with_suffix(".json.tmp")
-    tmp_json.write_text(text + "\n")
-    os.replace(tmp_json, path.with_suffix(".json"))
+def _write(entry: CacheEntry, tensors: dict[str, Tensor], meta: dict) -> None:
+    """The cache entry, atomically: the weights file (metadata in its header, so it is a
+    ``checkpoint`` on its own) and ``meta.json``, renamed into place together."""
+    with entry.write() as w:
+        w.save_tensors(_FILE, tensors, metadata={"selfflow": json.dumps(meta, indent=2, sort_keys=True)})
+        w.set_meta(meta)
 
 
 def _read(path: Path) -> tuple[dict[str, Tensor], dict]:

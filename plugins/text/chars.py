@@ -2,9 +2,11 @@
 
 Each character becomes one token: a one-hot vector over ``alphabet`` plus one *unknown*
 entry (or, with ``dim``, a fixed seeded unit vector of that width). A batch is padded to
-``max_len`` tokens with zeros and a ``valid`` mask; token ``i`` sits at position
-``(i, 0, 0)``, i.e. along the first rotary axis. The segment's role is ``condition``: it is
-never noised and carries no loss, it only steers the generated segments through attention.
+``max_len`` tokens with zeros and a ``valid`` mask; token ``i`` sits at
+``core.types.sequence_positions`` (``t = 0``, ``h = w = i - max_len``: a 1-D sequence that
+never shares a position with an image token). A run gives text as a condition (a stream's
+``condition = ["text"]``): never noised, no loss, it only steers the generated segments
+through attention.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from selfflow.core.types import Role, Segment
+from selfflow.core.types import Segment, sequence_positions
 
 UNKNOWN = "\ufffd"  # what ``decode`` writes for the unknown token
 DEFAULT_ALPHABET = string.ascii_lowercase + string.ascii_uppercase + string.digits + " "
@@ -67,10 +69,10 @@ class CharTokenizer:
     """A list of strings <-> ``Segment(tokens (B, max_len, channels), valid (B, max_len))``."""
 
     modality = "text"
+    mask_ratio = 0.25  # used only if a run generates text
 
-    def __init__(self, config: CharsConfig | None = None, *, role: str = "condition") -> None:
+    def __init__(self, config: CharsConfig | None = None) -> None:
         self.config = config or CharsConfig()
-        self.role = Role(role)
         self.index = {c: i for i, c in enumerate(self.config.alphabet)}
         self.unknown_id = len(self.config.alphabet)
         self.table = _table(self.config)
@@ -85,6 +87,10 @@ class CharTokenizer:
 
     def fit(self, dataset, *, cache_dir: str | None = None, generator: torch.Generator | None = None) -> None:
         """Nothing to learn."""
+
+    def cache_key(self) -> str:
+        c = self.config
+        return f"text/chars:{c.alphabet!r}:{c.max_len}:{c.on_unknown}:{c.dim}:{c.seed}"
 
     def ids(self, text: str) -> list[int]:
         """Token ids of one string; unknown characters per ``on_unknown``."""
@@ -113,9 +119,8 @@ class CharTokenizer:
             ids[row, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
             valid[row, : len(row_ids)] = True
         tokens = self.table[ids] * valid[..., None]  # padding is all zeros
-        positions = torch.zeros(b, n, 3, dtype=torch.long)
-        positions[..., 0] = torch.arange(n)
-        return Segment(modality=self.modality, tokens=tokens, positions=positions, role=self.role, valid=valid)
+        positions = sequence_positions(n, batch=b)
+        return Segment(modality=self.modality, tokens=tokens, positions=positions, valid=valid)
 
     def decode(self, segment: Segment) -> list[str]:
         """The strings: each valid token's nearest character (largest dot product)."""

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfflow.core import kernels as K
 from selfflow.core import model as M
 from selfflow.core.model import PRESETS, FlowTransformer, ModelConfig
 from selfflow.core.types import Role, Segment, Timesteps, TokenBatch, grid_positions
@@ -107,7 +108,7 @@ def test_dense_modulation_is_the_per_token_adaln_of_each_block():
         q, k, v = blk.qkv(h).view(b, n, 3, 2, d // 2).unbind(2)
         positions = torch.cat([s.positions for s in batch.segments], dim=1)
         cos, sin = model.rope(positions)
-        q, k = M.apply_rope(q, cos, sin), M.apply_rope(k, cos, sin)
+        q, k = K.apply_rope(q, cos, sin), K.apply_rope(k, cos, sin)
         att = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // 2), dim=-1)
         o = torch.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, n, d)
         x = x + gate1 * blk.proj(o)
@@ -257,12 +258,12 @@ def test_fused_rope_equals_the_reference_rotation_forward_and_backward():
     positions = torch.randint(0, 7, (b, n, 3), generator=g)
     cos, sin = rope(positions)
     qkv = torch.randn(b, n, 3, h, dh, generator=g, requires_grad=True)
-    q, k, v = M.rotate_qkv(qkv, cos, sin)
+    q, k, v = K.rotate_qkv(qkv, cos, sin)
     assert q.shape == (b, h, n, dh)
 
     ref = qkv.detach().clone().requires_grad_()
     rq, rk, rv = ref.unbind(2)
-    rq, rk = M.apply_rope(rq, cos, sin), M.apply_rope(rk, cos, sin)
+    rq, rk = K.apply_rope(rq, cos, sin), K.apply_rope(rk, cos, sin)
     for got, want in ((q, rq), (k, rk), (v, rv)):
         torch.testing.assert_close(got.transpose(1, 2), want, rtol=0, atol=1e-6)
 
@@ -279,7 +280,7 @@ def test_rope_rotates_pairs_by_position_times_frequency():
     cos, sin = rope(positions)
     x = torch.zeros(1, 3, 1, 6)
     x[..., 0] = 1.0  # the t-axis pair (dims 0 and 3)
-    y = M.apply_rope(x, cos, sin)
+    y = K.apply_rope(x, cos, sin)
     angle = 2 * rope.inv_freq[0]
     torch.testing.assert_close(y[0, 0, 0, [0, 3]], torch.stack([angle.cos(), angle.sin()]))
     torch.testing.assert_close(y[0, 1:, 0, [0, 3]], torch.tensor([[1.0, 0.0], [1.0, 0.0]]))  # other axes moved
@@ -289,23 +290,23 @@ def test_gelu_equals_torch_tanh_gelu_forward_and_backward():
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(64, 96, generator=g) * 4).requires_grad_()
     ref = x.detach().clone().requires_grad_()
-    y, y_ref = M.gelu_tanh(x), F.gelu(ref, approximate="tanh")
+    y, y_ref = K.gelu_tanh(x), F.gelu(ref, approximate="tanh")
     torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
     w = torch.randn(64, 96, generator=g)
     (y * w).sum().backward()
     (y_ref * w).sum().backward()
     torch.testing.assert_close(x.grad, ref.grad, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        torch.testing.assert_close(M.gelu_tanh(x), y_ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(K.gelu_tanh(x), y_ref, rtol=1e-6, atol=1e-6)
     xd = torch.randn(5, 7, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(M.gelu_tanh, (xd,))
+    assert torch.autograd.gradcheck(K.gelu_tanh, (xd,))
 
 
 @pytest.mark.parametrize("shapes", [((4, 5, 6), (4, 5, 6), (4, 5, 6)), ((4, 1, 6), (4, 5, 6), (4, 1, 6)), ((4, 5, 6), (4, 1, 6), (4, 5, 6))])
 def test_muladd_gradients_match_autograd(shapes):
     g = torch.Generator().manual_seed(6)
     ts = [torch.randn(s, dtype=torch.float64, generator=g, requires_grad=True) for s in shapes]
-    assert torch.autograd.gradcheck(M.muladd, tuple(ts))
+    assert torch.autograd.gradcheck(K.muladd, tuple(ts))
 
 
 def test_level_gather_backward_sums_each_levels_tokens():

@@ -109,16 +109,16 @@ def _recover_eps(x_tau, x0, tau):
 
 @pytest.mark.parametrize(("depth", "layers"), [(12, (4, 8)), (28, (8, 20)), (4, (1, 3)), (2, (1, 1)), (1, (1, 1))])
 def test_default_layers_are_03_and_07_depth(depth, layers):
-    obj = SelfFlow(width=8, depth=depth)
+    obj = SelfFlow(width=8, depth=depth, scheduler=DualTimestepScheduler(mask_ratio=0.25))
     assert (obj.student_layer, obj.teacher_layer) == layers
 
 
 def test_layer_validation():
-    assert SelfFlow(width=8, depth=6, config=SelfFlowConfig(student_layer=2, teacher_layer=5)).teacher_layer == 5
+    assert SelfFlow(width=8, depth=6, scheduler=DualTimestepScheduler(mask_ratio=0.25), config=SelfFlowConfig(student_layer=2, teacher_layer=5)).teacher_layer == 5
     with pytest.raises(ValueError, match=r"teacher_layer=7 is outside blocks 1..6"):
-        SelfFlow(width=8, depth=6, config=SelfFlowConfig(teacher_layer=7))
+        SelfFlow(width=8, depth=6, scheduler=DualTimestepScheduler(mask_ratio=0.25), config=SelfFlowConfig(teacher_layer=7))
     with pytest.raises(ValueError, match=r"student_layer=0 is outside blocks 1..6"):
-        SelfFlow(width=8, depth=6, config=SelfFlowConfig(student_layer=0))
+        SelfFlow(width=8, depth=6, scheduler=DualTimestepScheduler(mask_ratio=0.25), config=SelfFlowConfig(student_layer=0))
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -331,7 +331,7 @@ def test_no_gradient_reaches_the_teacher(make_batch):
     FlowMatching()(model, data, generator=torch.Generator().manual_seed(0)).total.backward()
     teacher = EMATeacher(model)
     model.zero_grad(set_to_none=True)
-    obj = SelfFlow.for_model(model)
+    obj = SelfFlow.for_model(model, scheduler=DualTimestepScheduler(mask_ratio=0.25))
     out = obj(model, data, teacher=teacher, generator=torch.Generator().manual_seed(1))
     out.total.backward()
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
@@ -414,7 +414,7 @@ def test_objectives_use_only_the_explicit_generator(make_batch, global_rng_untou
     if kind == "flow_matching":
         obj = FlowMatching()
     else:
-        obj = SelfFlow.for_model(model, config=SelfFlowConfig(attention_separation=kind.endswith("separated")))
+        obj = SelfFlow.for_model(model, scheduler=DualTimestepScheduler(mask_ratio=0.25), config=SelfFlowConfig(attention_separation=kind.endswith("separated")))
     torch.manual_seed(0)
     with global_rng_untouched():
         a = obj(model, data, teacher=teacher, generator=torch.Generator().manual_seed(4))
@@ -427,6 +427,6 @@ def test_condition_role_is_respected_by_the_real_model(make_batch):
     model = _tiny_model({"text": 2, "image": 3}, depth=2)
     data = make_batch(SPECS, batch=2)
     assert data.segments[0].role is Role.CONDITION
-    out = SelfFlow.for_model(model)(model, data, teacher=EMATeacher(model), generator=torch.Generator().manual_seed(0))
+    out = SelfFlow.for_model(model, scheduler=DualTimestepScheduler(mask_ratio=0.25))(model, data, teacher=EMATeacher(model), generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out.total) and out.representation is not None
     assert isinstance(data, TokenBatch) and _f(out.per_modality["image"]) == _f(out.flow)

@@ -99,7 +99,7 @@ def test_mask_ratio_validation():
 def test_unmasked_samples_keep_the_teacher_at_t(make_batch, gen):
     # with 2 tokens at ratio 0.25, ~56% of samples have no masked token: their only level is t
     batch = make_batch([("image", 2, 2, "generate")], batch=4096)
-    steps = DualTimestepScheduler().__call__(batch, generator=gen)
+    steps = DualTimestepScheduler(mask_ratio=0.25).__call__(batch, generator=gen)
     none = ~steps.masked.any(dim=1)
     assert 0.5 < float(none.float().mean()) < 0.62
     t = steps.student.levels[:, 1]
@@ -110,7 +110,7 @@ def test_unmasked_samples_keep_the_teacher_at_t(make_batch, gen):
 def test_t_and_s_unsorted_and_independent(make_batch, gen):
     # 64 tokens: every sample has masked tokens (P(none) = 0.75^64), so every s is a real draw
     batch = make_batch([("image", 64, 2, "generate")], batch=8192)
-    levels = DualTimestepScheduler().__call__(batch, generator=gen).student.levels
+    levels = DualTimestepScheduler(mask_ratio=0.25).__call__(batch, generator=gen).student.levels
     t, s = levels[:, 1], levels[:, 2]
     assert bool((levels[:, 0] == 0).all())
     p_less = float((t < s).float().mean())
@@ -174,7 +174,7 @@ def test_gap_teacher_levels_within_gap(make_batch, gen):
 
 def test_max_gap_switch(make_batch, gen):
     batch = make_batch([("image", 64, 2, "generate")], batch=4096)  # every sample has masked tokens
-    levels = DualTimestepScheduler(max_gap=0.2)(batch, generator=gen).student.levels
+    levels = DualTimestepScheduler(mask_ratio=0.25, max_gap=0.2)(batch, generator=gen).student.levels
     gap = (levels[:, 1] - levels[:, 2]).abs()
     assert float(gap.max()) <= 0.2 + 1e-6
     assert float(gap.mean()) > 0.05  # not collapsed onto t
@@ -185,20 +185,20 @@ def test_max_gap_switch(make_batch, gen):
 
 def test_min_gap_switch(make_batch, gen):
     batch = make_batch([("image", 64, 2, "generate")], batch=4096)  # every sample has masked tokens
-    levels = DualTimestepScheduler(min_gap=0.3)(batch, generator=gen).student.levels
+    levels = DualTimestepScheduler(mask_ratio=0.25, min_gap=0.3)(batch, generator=gen).student.levels
     assert float((levels[:, 1] - levels[:, 2]).abs().min()) >= 0.3
-    both = DualTimestepScheduler(min_gap=0.1, max_gap=0.25, time=UniformTime())(batch, generator=gen).student.levels
+    both = DualTimestepScheduler(mask_ratio=0.25, min_gap=0.1, max_gap=0.25, time=UniformTime())(batch, generator=gen).student.levels
     gap = (both[:, 1] - both[:, 2]).abs()
     assert float(gap.min()) >= 0.1 and float(gap.max()) <= 0.25 + 1e-6
 
 
 def test_gap_validation():
     with pytest.raises(ValueError, match="min_gap=0.5 is larger than max_gap=0.2"):
-        DualTimestepScheduler(min_gap=0.5, max_gap=0.2)
+        DualTimestepScheduler(mask_ratio=0.25, min_gap=0.5, max_gap=0.2)
     with pytest.raises(ValueError, match=r"min_gap must be in \[0, 1\)"):
-        DualTimestepScheduler(min_gap=1.0)
+        DualTimestepScheduler(mask_ratio=0.25, min_gap=1.0)
     with pytest.raises(ValueError, match=r"max_gap must be in \(0, 1\]"):
-        DualTimestepScheduler(max_gap=0.0)
+        DualTimestepScheduler(mask_ratio=0.25, max_gap=0.0)
 
 
 def test_single_timestep_mode(make_batch, gen):
@@ -206,7 +206,7 @@ def test_single_timestep_mode(make_batch, gen):
     steps = DualTimestepScheduler(dual=False, mask_ratio=0.5)(batch, generator=gen)
     tau, teacher = _dense(steps)
     assert not bool(steps.masked.any())
-    t = DualTimestepScheduler().time.sample(16, generator=torch.Generator().manual_seed(0))
+    t = DualTimestepScheduler(mask_ratio=0.25).time.sample(16, generator=torch.Generator().manual_seed(0))
     assert torch.equal(tau, t[:, None] * batch.generate_mask())  # the first draw is t, as in FlowMatching
     assert torch.equal(teacher, tau)
 
@@ -215,7 +215,7 @@ def test_single_timestep_mode(make_batch, gen):
 @pytest.mark.parametrize("gaps", [{}, {"max_gap": 0.3, "min_gap": 0.05}])
 def test_scheduler_uses_only_the_explicit_generator(make_batch, global_rng_untouched, rule, gaps):
     batch = make_batch([("text", 3, 2, "condition"), ("image", 16, 2, "generate")], batch=32)
-    sched = DualTimestepScheduler(teacher_rule=rule, **gaps)
+    sched = DualTimestepScheduler(mask_ratio=0.25, teacher_rule=rule, **gaps)
     torch.manual_seed(123)
     with global_rng_untouched():
         a = sched(batch, generator=torch.Generator().manual_seed(7))

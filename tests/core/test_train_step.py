@@ -11,7 +11,8 @@ from torch import nn
 from selfflow.core.distill import EMAConfig, EMATeacher
 from selfflow.core.model import FlowTransformer, ModelConfig
 from selfflow.core.objectives import SelfFlow
-from selfflow.core.train_step import NonFiniteLossError, TrainState, apply_update, backward, train_step
+from selfflow.core.timesteps import DualTimestepScheduler
+from selfflow.core.train_step import NonFiniteLossError, TrainState, train_step
 from selfflow.core.types import LossBreakdown
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -22,7 +23,7 @@ SPECS = [("text", 3, 2, "condition"), ("image", 8, 3, "generate")]
 def _state(*, optimizer: str = "adamw", lr: float = 1e-2, grad_clip: float = 1.0, decay: float = 0.9, seed: int = 0) -> TrainState:
     torch.manual_seed(seed)
     model = FlowTransformer(ModelConfig(channels={"text": 2, "image": 3}, width=32, depth=2, heads=2, num_classes=3))
-    objective = SelfFlow.for_model(model)
+    objective = SelfFlow.for_model(model, scheduler=DualTimestepScheduler(mask_ratio=0.25))
     params = list(model.parameters()) + list(objective.parameters())
     opt = torch.optim.AdamW(params, lr=lr) if optimizer == "adamw" else torch.optim.SGD(params, lr=lr)
     return TrainState(
@@ -133,16 +134,38 @@ def test_non_finite_gradient_raises_and_changes_nothing(make_batch, gen):
     assert all(p.grad is None for p in state.model.parameters())
 
 
-def test_accumulated_half_batches_match_scaled_gradients(make_batch):
-    """``backward(scale=0.5)`` twice on the same draws gives the gradient of one full-scale pass."""
-    batch = make_batch(SPECS, batch=2, num_classes=3)
-    full, half = _state(), _state()
-    backward(full, batch, generator=torch.Generator().manual_seed(1))
-    for _ in range(2):
-        backward(half, batch, generator=torch.Generator().manual_seed(1), scale=0.5)
-    for a, b in zip(full.trainable_parameters(), half.trainable_parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
-    assert apply_update(half)[2] == 0.9 and half.step == 1
+def test_micro_batches_accumulate_the_mean_gradient(make_batch):
+    """``train_step(state, [b1, b2])`` makes one update with the mean of the two micro-batches'
+    gradients (SGD, no clipping: the update is -lr times it) and logs the mean of their losses."""
+    b1 = make_batch(SPECS, batch=2, num_classes=3, seed=1)
+    b2 = make_batch(SPECS, batch=2, num_classes=3, seed=2)
+    ref = _state(optimizer="sgd", lr=1.0, grad_clip=1e9)
+    g = torch.Generator().manual_seed(5)
+    grads, totals = [], []
+    for b in (b1, b2):  # the same generator sequence train_step will use
+        losses = ref.objective(ref.model, b, teacher=ref.teacher, generator=g)
+        losses.total.backward()
+        grads.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in ref.trainable_parameters()])
+        totals.append(float(losses.total))
+        ref.optimizer.zero_grad(set_to_none=True)
+
+    state = _state(optimizer="sgd", lr=1.0, grad_clip=1e9)
+    before = [p.detach().clone() for p in state.trainable_parameters()]
+    result = train_step(state, [b1, b2], generator=torch.Generator().manual_seed(5))
+    for p, p0, g1, g2 in zip(state.trainable_parameters(), before, *grads):
+        torch.testing.assert_close(p.detach(), p0 - 0.5 * (g1 + g2), rtol=1e-5, atol=1e-6)
+    assert float(result.losses.total) == pytest.approx(sum(totals) / 2, rel=1e-6)
+    assert state.step == 1
+
+
+def test_per_modality_losses_average_over_the_micro_batches_that_have_them():
+    from selfflow.core.train_step import mean_losses
+
+    a = LossBreakdown(total=torch.tensor(1.0), flow=torch.tensor(1.0), per_modality={"image": torch.tensor(1.0)})
+    b = LossBreakdown(total=torch.tensor(3.0), flow=torch.tensor(3.0), representation=torch.tensor(0.5),
+                      per_modality={"audio": torch.tensor(3.0)})
+    m = mean_losses([a, b])
+    assert m.detached() == {"loss": 2.0, "flow": 2.0, "representation": 0.5, "flow/audio": 3.0, "flow/image": 1.0}
 
 
 def test_training_is_reproducible_from_the_seed(make_batch, global_rng_untouched):

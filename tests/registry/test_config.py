@@ -21,7 +21,7 @@ def test_defaults_and_overrides():
                              "objective.attention_separation=true", "modalities.image.mask_ratio=0.1"])
     assert cfg.objective.gamma == 0.5 and cfg.model.preset == "tiny" and cfg.sampler.options == {"steps": 7}
     assert cfg.objective.attention_separation is True and cfg.modalities["image"].mask_ratio == 0.1
-    assert cfg.ema.decay == 0.999 and cfg.optimizer.grad_clip == 1.0
+    assert cfg.ema.decay == 0.9999 and cfg.optimizer.grad_clip == 1.0  # core.distill.EMAConfig's default
 
 
 @pytest.mark.parametrize(

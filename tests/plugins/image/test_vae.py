@@ -116,7 +116,9 @@ def test_tokens_are_standardised_and_deterministic(fitted, mnist16):
 def test_cache_hit_loads_without_training(fitted, mnist16, monkeypatch):
     tok, cache = fitted
     path = tok.path
-    assert path.exists() and path.with_suffix(".json").exists()
+    # one atomic cache entry: <cache>/image-vae/<key>/ with the weights and meta.json
+    assert path.exists() and (path.parent / "meta.json").exists()
+    assert path.parent == cache / "image-vae" / tok.cache_key(mnist16[0])
     mtime = path.stat().st_mtime_ns
     monkeypatch.setattr(ImageVAETokenizer, "_train", lambda *a, **k: pytest.fail("trained on a cache hit"))
     again = ImageVAETokenizer(attrs.evolve(MNIST_FIT, progress=True))  # runtime fields keep the key

@@ -1,0 +1,41 @@
+"""One per-process setup for every command that builds a run: distributed init, device,
+threads, allocator, seeds, and where caches live."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from selfflow.core import distributed
+from selfflow.core.distributed import Shard
+from selfflow.core.runtime import tune_cpu_allocator
+from selfflow.registry.config import RunSection
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def setup_process(run: RunSection, device: str | None = None) -> tuple[Shard, torch.device]:
+    """Join the torchrun group (if any), pick the device (``device`` overrides
+    ``run.device``), set torch's threads and the CPU allocator tuning, seed torch's global
+    RNG from ``run.seed`` (the model's initialisation draws from it)."""
+    shard, dev = distributed.init_distributed(device or (None if run.device == "auto" else run.device))
+    if device is None and run.device == "auto":
+        dev = pick_device("auto") if shard.world == 1 else dev
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    if run.tune_allocator and dev.type == "cpu":
+        tune_cpu_allocator()
+    torch.manual_seed(run.seed)
+    return shard, dev
+
+
+def cache_dir() -> Path:
+    """``$SELFFLOW_CACHE``, default ``~/.cache/selfflow``: fitted tokenizers, encoded latents,
+    reference networks."""
+    return Path(os.environ.get("SELFFLOW_CACHE", Path.home() / ".cache" / "selfflow"))
