@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from selfflow.core.attention import attend, padding_mask
 from selfflow.core.kernels import apply_rope as apply_rope  # re-exported for tests/core/test_attention.py
 from selfflow.core.kernels import gather_levels, gelu_tanh, muladd, rotate_qkv
-from selfflow.core.types import Timesteps, TokenBatch
+from selfflow.core.types import ROPE_TIME_TICKS, Timesteps, TokenBatch
 
 # name -> (width, depth, heads); parameter counts are in the README and tested
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -120,6 +120,12 @@ class MultiAxisRope(nn.Module):
     """Rotary embedding over (t, h, w): each head's ``Dh / 2`` frequency pairs are split
     between the axes (t gets the remainder), each axis with its own geometric frequencies.
 
+    ``t`` is in ticks of the shared time axis (``core.types.TIME_RATE`` per second) and is
+    read in rotary steps of ``ROPE_TIME_TICKS`` ticks (1/25 s): its frequencies are divided
+    by that, so a 25 fps frame and a 75 Hz audio latent frame are 1 and 1/3 of a step apart
+    whatever their tokenizers. ``h, w`` are grid units. Media at ``t = 0`` (images) see the
+    same angles as without the time axis.
+
     Pairs follow the rotate-half convention: dimension ``i`` pairs with ``i + Dh / 2``.
     """
 
@@ -132,6 +138,7 @@ class MultiAxisRope(nn.Module):
         hw = pairs // 3
         split = (pairs - 2 * hw, hw, hw)
         inv = [theta ** (-torch.arange(n, dtype=torch.float64) / max(n, 1)) for n in split]
+        inv[0] = inv[0] / ROPE_TIME_TICKS  # the time axis counts ticks: one rotary step per ROPE_TIME_TICKS
         axis = torch.cat([torch.full((n,), a, dtype=torch.long) for a, n in enumerate(split)])
         self.register_buffer("inv_freq", torch.cat(inv).float(), persistent=False)
         self.register_buffer("axis", axis, persistent=False)

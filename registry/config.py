@@ -50,8 +50,14 @@ def _mask_ratio(instance: Any, attribute: attrs.Attribute, value: float | None) 
     if value is not None:
         try:
             check_mask_ratio(attribute.name, value)
-        except ValueError as err:  # the attrs form, so the message names the key
-            raise ValueError(str(err), attribute, None, value) from None
+        except ValueError:  # the attrs form, so the message names the key
+            raise ValueError(f"must lie in [0, 0.5], got {value}: Self-Flow masks at most half the tokens "
+                             "(the paper uses image 0.25, video 0.10, audio 0.50)", attribute, None, value) from None
+
+
+def _nonempty(instance: Any, attribute: attrs.Attribute, value: list[str]) -> None:
+    if not value:
+        raise ValueError("must name at least one modality (what the stream's batches train)", attribute, None, value)
 
 
 @attrs.frozen(kw_only=True)
@@ -99,7 +105,7 @@ class StreamConfig:
     """
 
     dataset: str
-    generate: list[str] = attrs.field(validator=_v.min_len(1))
+    generate: list[str] = attrs.field(validator=_nonempty)
     dataset_options: dict[str, Any] = attrs.field(factory=dict)
     condition: list[str] = attrs.field(factory=list)
     condition_probability: dict[str, float] = attrs.field(factory=dict)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import json
+import hashlib
 import math
 import os
 import warnings
@@ -38,7 +39,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from selfflow.core.files import CacheEntry, content_key
-from selfflow.core.types import Role, Segment
+from selfflow.core.types import Segment
 from selfflow.plugins.image import latents
 from selfflow.plugins.image.patch import check_image_batch
 
@@ -171,10 +172,11 @@ class ImageVAETokenizer:
     """
 
     modality = "image"
+    mask_ratio = 0.25  # the paper's image mask ratio
 
-    def __init__(self, config: ImageVAEConfig | None = None, *, role: str = "generate") -> None:
+    def __init__(self, config: ImageVAEConfig | None = None) -> None:
         self.config = config or ImageVAEConfig()
-        self.role = Role(role)
+        self._weights_key: str | None = None
         with torch.random.fork_rng(devices=[]):  # placeholder weights must not move the run's RNG
             self.net = KLAutoencoder(self.config).eval().requires_grad_(False)
         self.shift = torch.zeros(self.config.latent_channels)
@@ -185,7 +187,7 @@ class ImageVAETokenizer:
 
     @classmethod
     def from_config(cls, config: ImageVAEConfig | None, **context) -> ImageVAETokenizer:
-        return cls(config, role=context.get("role", "generate"))
+        return cls(config)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, **overrides) -> ImageVAETokenizer:
@@ -205,7 +207,14 @@ class ImageVAETokenizer:
     def fitted(self) -> bool:
         return self.source is not None
 
-    def cache_key(self, dataset) -> str:
+    def cache_key(self) -> str | None:
+        """What ``encode`` computes once fitted: the fitted weights' key (``None`` before
+        ``fit``, and when latents are sampled: every encoding then differs)."""
+        if self.config.sample or self._weights_key is None:
+            return None
+        return content_key("image/vae", self._weights_key)
+
+    def fit_key(self, dataset) -> str:
         """Hash of the data fingerprint, the file format and every field that changes the weights."""
         fields = {f.name: getattr(self.config, f.name) for f in attrs.fields(ImageVAEConfig) if f.name not in _RUNTIME}
         return content_key({"format": FORMAT, "data": dataset.fingerprint(), "config": fields})
@@ -225,8 +234,10 @@ class ImageVAETokenizer:
             tensors, meta = _read(path)
             _check_compatible(meta["config"], c, path)
             self._load(tensors, meta, path, FitSource.CHECKPOINT)
+            self._weights_key = content_key("checkpoint", hashlib.sha256(path.read_bytes()).hexdigest())
             return
-        entry = CacheEntry(cache_dir, _CACHE, self.cache_key(dataset)) if cache_dir else None
+        self._weights_key = self.fit_key(dataset)
+        entry = CacheEntry(cache_dir, _CACHE, self._weights_key) if cache_dir else None
         path = entry.path / _FILE if entry is not None else None
         if entry is not None and entry.exists():
             try:
@@ -298,7 +309,7 @@ class ImageVAETokenizer:
             "tokenizer": "image/vae",
             "config": {k: v for k, v in attrs.asdict(self.config).items() if k not in _RUNTIME},
             "data_fingerprint": dataset.fingerprint(),
-            "cache_key": self.cache_key(dataset),
+            "cache_key": self.fit_key(dataset),
             "metrics": attrs.asdict(self.metrics),
         }
 
@@ -317,7 +328,7 @@ class ImageVAETokenizer:
         self._ready(media.device)
         mean, logvar = self.net.encode(media.float())
         z = mean + (0.5 * logvar).exp() * torch.randn_like(mean) if self.config.sample else mean
-        return latents.to_segment(z, self.shift, self.scale, modality=self.modality, role=self.role)
+        return latents.to_segment(z, self.shift, self.scale, modality=self.modality)
 
     @torch.no_grad()
     def decode(self, segment: Segment) -> Tensor:
@@ -330,15 +341,15 @@ class ImageVAETokenizer:
 
 
 def _check_dataset(dataset, c: ImageVAEConfig) -> None:
-    if getattr(dataset, "modality", None) != "image":
-        raise ValueError(f"image/vae fits on an image dataset, got modality {getattr(dataset, 'modality', None)!r}")
+    if "image" not in getattr(dataset, "modalities", ()):
+        raise ValueError(f"image/vae fits on images, the dataset has {getattr(dataset, 'modalities', None)!r}")
     if len(dataset) < 2:
         raise ValueError(f"image/vae needs at least 2 images to fit (train + held out), got {len(dataset)}")
-    check_image_batch(torch.as_tensor(dataset[0].media)[None], c.image_channels, c.downsample)
+    check_image_batch(torch.as_tensor(dataset[0].media["image"])[None], c.image_channels, c.downsample)
 
 
 def _gather(dataset, idx: Tensor, device: torch.device) -> Tensor:
-    return torch.stack([torch.as_tensor(dataset[int(i)].media, dtype=torch.float32) for i in idx]).to(device)
+    return torch.stack([torch.as_tensor(dataset[int(i)].media["image"], dtype=torch.float32) for i in idx]).to(device)
 
 
 @torch.no_grad()

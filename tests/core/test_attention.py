@@ -10,7 +10,8 @@ import pytest
 import torch
 from selfflow.core import attention
 from selfflow.core.attention import attend, padding_mask, separation_mask
-from selfflow.core.model import FlowTransformer, ModelConfig, MultiAxisRope, apply_rope
+from selfflow.core.kernels import apply_rope
+from selfflow.core.model import FlowTransformer, ModelConfig, MultiAxisRope
 from selfflow.core.types import Role, Segment, Timesteps, TokenBatch, grid_positions
 
 pytestmark = pytest.mark.usefixtures("single_thread")

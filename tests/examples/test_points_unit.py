@@ -59,8 +59,13 @@ def reference_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def reference(data, reference_dir) -> tuple[PointReference, float]:
     train, held_out = data
-    ctx = ReferenceContext(modality="points", train_dataset=train, eval_dataset=held_out,
-                           cache_dir=reference_dir, device=torch.device("cpu"))
+    ctx = ReferenceContext(
+        modality="points",
+        train_dataset=train,
+        eval_dataset=held_out,
+        cache_dir=reference_dir,
+        device=torch.device("cpu"),
+    )
     start = time.perf_counter()
     ref = PointReference.from_config(None, context=ctx)
     return ref, time.perf_counter() - start
@@ -70,8 +75,15 @@ def _context(train: ShapesDataset, held_out: ShapesDataset, cache: Path, ref=Non
     def no_reference():
         raise AssertionError("points/on-shape must not build the reference network")
 
-    return MetricContext(modality="points", train_dataset=train, eval_dataset=held_out, tokenizer=XYTokenizer(),
-                         device=torch.device("cpu"), cache_dir=cache, reference=ref or no_reference)
+    return MetricContext(
+        modality="points",
+        train_dataset=train,
+        eval_dataset=held_out,
+        tokenizer=XYTokenizer(),
+        device=torch.device("cpu"),
+        cache_dir=cache,
+        reference=ref or no_reference,
+    )
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -247,8 +259,13 @@ def test_reference_is_cached_and_reloaded(reference, data, reference_dir):
     meta = json.loads((entries[0] / "meta.json").read_text())
     assert (entries[0] / "weights.safetensors").is_file() and meta["accuracy"] == ref.accuracy
     assert not list(entries[0].glob("*.pt")) and not list(entries[0].glob("*.pkl"))
-    ctx = ReferenceContext(modality="points", train_dataset=data[0], eval_dataset=data[1],
-                           cache_dir=reference_dir, device=torch.device("cpu"))
+    ctx = ReferenceContext(
+        modality="points",
+        train_dataset=data[0],
+        eval_dataset=data[1],
+        cache_dir=reference_dir,
+        device=torch.device("cpu"),
+    )
     start = time.perf_counter()
     again = PointReference.from_config(None, context=ctx)
     assert again.from_cache and time.perf_counter() - start < 5
@@ -281,7 +298,9 @@ def test_reference_drives_torchmetrics_fd(reference, data):
     ref, _ = reference
     real_vs_real, real_vs_noise = FrechetDistance(ref), FrechetDistance(ref)
     real_vs_real.update(real=data[1].points[:100], fake=data[0].points[:100])
-    real_vs_noise.update(real=data[1].points[:100], fake=torch.rand(100, 32, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    real_vs_noise.update(
+        real=data[1].points[:100], fake=torch.rand(100, 32, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    )
     near, far = real_vs_real.compute()[0].value, real_vs_noise.compute()[0].value
     assert near * 20 < far
 
@@ -393,7 +412,9 @@ def test_hooks_are_pluggy_hookimpls_and_match_hookspecs():
     pm.register(selfflow_points, name="points")
     pm.check_pending()  # every hook implementation names a hookspec
     impls = {hook for hook in hookspecs.HOOKS if getattr(pm.hook, hook).get_hookimpls()}
-    assert impls == {f"selfflow_register_{k}" for k in ("datasets", "tokenizers", "writers", "references", "metrics", "runs")}
+    assert impls == {
+        f"selfflow_register_{k}" for k in ("datasets", "tokenizers", "writers", "references", "metrics", "runs")
+    }
 
 
 def test_registered_factories_build_through_a_registry(data, tmp_path):
@@ -428,8 +449,8 @@ def test_importing_the_plugin_registers_nothing_and_skips_matplotlib():
     import subprocess
 
     code = (
-        "import sys; sys.path.insert(0, %r); import selfflow_points; "
+        f"import sys; sys.path.insert(0, {str(PACKAGE)!r}); import selfflow_points; "
         "assert 'matplotlib' not in sys.modules, 'matplotlib imported at plugin load'; "
         "assert 'selfflow_points.writer' not in sys.modules"
-    ) % str(PACKAGE)
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -19,7 +19,7 @@ import attrs
 import torch
 from selfflow.core.types import Segment, grid_positions
 from selfflow.plugins import hookimpl
-from selfflow.plugins.protocols import Example
+from selfflow.plugins.protocols import Example, MediaFile, MetricResult
 
 CALLED = []
 
@@ -32,7 +32,7 @@ class ToyDataConfig:
 
 
 class ToyData:
-    modality = "toy"
+    modalities = ("toy",)
     num_classes = 2
     class_names = ("neg", "pos")
 
@@ -46,7 +46,7 @@ class ToyData:
         return len(self.labels)
 
     def __getitem__(self, i):
-        return Example(media=self.x[i], label=int(self.labels[i]))
+        return Example(media={"toy": self.x[i]}, label=int(self.labels[i]))
 
     def fingerprint(self):
         return "toy"
@@ -54,6 +54,7 @@ class ToyData:
 
 class ToyTokenizer:
     modality = "toy"
+    mask_ratio = 0.5
 
     def __init__(self, config):
         self._channels = None
@@ -63,14 +64,40 @@ class ToyTokenizer:
         return self._channels
 
     def fit(self, dataset, *, cache_dir=None, generator=None):
-        self._channels = dataset[0].media.shape[-1]
+        self._channels = dataset[0].media["toy"].shape[-1]
+
+    def cache_key(self):
+        return None
 
     def encode(self, media):
         b, n, _ = media.shape
-        return Segment(modality="toy", tokens=media, positions=grid_positions(n, 1, 1, batch=b))
+        return Segment(modality="toy", tokens=media, positions=grid_positions(1, 1, n, batch=b))
 
     def decode(self, segment):
         return segment.tokens
+
+
+class ToyWriter:
+    modality = "toy"
+
+    def write(self, media, directory, *, stem, labels, title):
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{stem}.txt"
+        path.write_text("; ".join(f"{l}: {v}" for l, v in zip(labels or [""] * len(media), media.mean((1, 2)).tolist())))
+        return [MediaFile(path=path, element="text", items=tuple(range(len(media))))]
+
+
+class ToyMean:
+    name = "mean"
+
+    def __init__(self, context):
+        self.sums = []
+
+    def update(self, *, real=None, fake=None, labels=None):
+        self.sums.append(float(fake.mean()))
+
+    def compute(self):
+        return [MetricResult(name=self.name, value=sum(self.sums) / len(self.sums))]
 
 
 RUN = """
@@ -81,7 +108,6 @@ batch_size = 8
 [modalities.toy]
 dataset = "toy/vectors"
 tokenizer = "toy/identity"
-mask_ratio = 0.5
 [model]
 preset = "tiny"
 [output]
@@ -102,9 +128,27 @@ def selfflow_register_datasets(register):
 
 
 @hookimpl
+def selfflow_register_writers(register):
+    CALLED.append("writers")
+    register.add("toy", lambda config: ToyWriter(), None, "mean of each sample, as text")
+
+
+@hookimpl
+def selfflow_register_references(register):
+    CALLED.append("references")
+    register.add("toy", lambda config, *, context: None, None, "a placeholder reference entry")
+
+
+@hookimpl
 def selfflow_register_metrics(register):
     CALLED.append("metrics")
-    register.add("toy/mean", lambda config, **ctx: None, None, "a placeholder metric entry")
+    register.add("toy/mean", lambda config, *, context: ToyMean(context), None, "mean of the samples")
+
+
+@hookimpl
+def selfflow_register_probes(register):
+    CALLED.append("probes")
+    register.add("toy/params", lambda config, *, context: (lambda model: []), None, "a placeholder probe")
 
 
 @hookimpl
@@ -175,6 +219,10 @@ def test_third_party_modality_trains_through_the_cli(tmp_path, monkeypatch, caps
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [__import__("json").loads(l)["step"] for l in lines] == [2, 4, 6]
     assert (out / "checkpoints" / "step_0000006" / "manifest.json").is_file()
+    assert (out / "samples.txt").is_file() and "samples/step_0000006.txt" in (out / "samples.html").read_text()
+    assert cli.main(["eval", str(out), "--metric", "toy/mean", "--samples", "8"]) == 0
+    report = __import__("json").loads((out / "eval" / "eval_step_0000006.json").read_text())
+    assert set(report["results"]) == {"toy/mean"}
 
     assert cli.main(["plugins", "list"]) == 0
     listing = capsys.readouterr().out

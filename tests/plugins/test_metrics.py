@@ -9,13 +9,14 @@ two cores are shared.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from selfflow.core.model import FlowTransformer, ModelConfig
 from selfflow.plugins.metrics import (
     ClassAccuracy,
-    FeatureNetwork,
     FrechetDistance,
     KernelDistance,
     KIDConfig,
@@ -24,12 +25,23 @@ from selfflow.plugins.metrics import (
     fit_linear_probe,
     linear_probe,
 )
-from selfflow.plugins.protocols import Example
+from selfflow.plugins.protocols import Example, FeatureNetwork, MediaMetric, MetricContext, ModelProbe
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
+def _context(train, evaluation, reference_fn=None, tokenizer=None) -> MetricContext:
+    """A metric/probe factory's context on ``train`` / ``evaluation`` (image modality)."""
+    from selfflow.plugins.image.patch import PatchTokenizer
+
+    def no_reference():
+        raise AssertionError("this metric should not build the reference network")
+
+    return MetricContext(
+        modality="image", train_dataset=train, eval_dataset=evaluation, tokenizer=tokenizer or PatchTokenizer(),
+        device=torch.device("cpu"), cache_dir=Path("unused"), reference=reference_fn or no_reference,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -161,16 +173,22 @@ def test_registry_factories_build_the_reference_lazily(reference, data):
         calls.append(1)
         return reference
 
-    context = {"dataset": data[1], "device": "cpu", "cache_dir": "unused", "reference_fn": reference_fn}
-    metrics = [FrechetDistance.from_config(None, **context), KernelDistance.from_config(KIDConfig(subsets=5), **context),
-               ClassAccuracy.from_config(None, **context)]
+    context = _context(data[0], data[1], reference_fn)
+    assert not calls, "building the context builds no reference"
+    metrics = [FrechetDistance.from_config(None, context=context), KernelDistance.from_config(KIDConfig(subsets=5), context=context),
+               ClassAccuracy.from_config(None, context=context)]
     assert len(calls) == 3 and all(m.reference is reference for m in metrics)
+    assert all(isinstance(m, MediaMetric) for m in metrics)
 
 
 def test_metrics_without_a_reference_say_what_to_pass():
+    # the context always carries a reference callable now; one that yields no network is
+    # refused with a TypeError naming the hook that provides one (was a ValueError when the
+    # reference was an optional keyword)
+    context = _context(ClassCoded(4, 0), ClassCoded(4, 1), reference_fn=lambda: None)
     for cls in (FrechetDistance, KernelDistance, ClassAccuracy):
-        with pytest.raises(ValueError, match="reference"):
-            cls.from_config(None)
+        with pytest.raises(TypeError, match="reference.*selfflow_register_references"):
+            cls.from_config(None, context=context)
 
 
 # ----------------------------------------------------------------------------- any modality
@@ -183,6 +201,7 @@ class StubNetwork:
     accuracy = 1.0
     num_features = 8
     num_classes = 2
+    token_feature_dim = 8
     device = torch.device("cpu")
 
     def __init__(self) -> None:
@@ -200,6 +219,9 @@ class StubNetwork:
         module = torch.nn.Sequential(torch.nn.Flatten(), self.proj).requires_grad_(False)
         module.num_features = 8
         return module
+
+    def token_features(self, media, segment):
+        return self.features(media)[:, None].expand(-1, segment.num_tokens, -1)
 
     def describe(self):
         return {"reference": self.name, "reference_accuracy": self.accuracy}
@@ -256,7 +278,7 @@ class ClassCoded:
     """16x16 images whose class k lights pixel k of every 4x4 patch (plus noise): mean-pooled
     patch tokens are one-hot in the class, trivially separable."""
 
-    modality, num_classes, class_names = "image", 10, tuple("0123456789")
+    modalities, num_classes, class_names = ("image",), 10, tuple("0123456789")
 
     def __init__(self, n: int, seed: int) -> None:
         g = torch.Generator().manual_seed(seed)
@@ -270,7 +292,7 @@ class ClassCoded:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> Example:
-        return Example(media=self.images[i], label=int(self.labels[i]))
+        return Example(media={"image": self.images[i]}, label=int(self.labels[i]))
 
     def fingerprint(self) -> str:
         return "class-coded"
@@ -279,8 +301,10 @@ class ClassCoded:
 def test_linear_probe_end_to_end_is_perfect_on_class_coded_images():
     from selfflow.plugins.image.patch import PatchTokenizer
 
-    probe = LinearProbe.from_config(LinearProbeConfig(layer=1))
-    (result,) = probe(_random_tiny_model(), tokenizer=PatchTokenizer(), train_dataset=ClassCoded(300, 0), eval_dataset=ClassCoded(100, 1))
+    context = _context(ClassCoded(300, 0), ClassCoded(100, 1), tokenizer=PatchTokenizer())
+    probe = LinearProbe.from_config(LinearProbeConfig(layer=1), context=context)
+    assert isinstance(probe, ModelProbe)
+    (result,) = probe(_random_tiny_model())
     assert result.value >= 0.99
 
 

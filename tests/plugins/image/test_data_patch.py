@@ -13,7 +13,8 @@ from selfflow.plugins.image.patch import PatchConfig, PatchTokenizer
 def test_mnist_is_real_and_split_deterministically():
     tr, ev = mnist(DigitsConfig(size=28), split="train"), mnist(DigitsConfig(size=28), split="eval")
     assert len(tr) + len(ev) == 5000 and len(ev) == 500
-    x = tr[0].media
+    assert tr.modalities == ("image",) and set(tr[0].media) == {"image"}
+    x = tr[0].media["image"]
     assert x.shape == (1, 28, 28) and x.min() >= -1 and x.max() <= 1
     assert sorted(set(int(v) for v in tr.labels)) == list(range(10))
     again = mnist(DigitsConfig(size=28), split="train")
@@ -27,8 +28,8 @@ def test_mnist_is_real_and_split_deterministically():
 
 def test_digits_fallback_and_resize():
     d = digits(None, split="train")
-    assert d[0].media.shape == (1, 8, 8)
-    assert mnist(DigitsConfig(size=16), split="eval")[0].media.shape == (1, 16, 16)
+    assert d[0].media["image"].shape == (1, 8, 8)
+    assert mnist(DigitsConfig(size=16), split="eval")[0].media["image"].shape == (1, 16, 16)
 
 
 def test_missing_package_names_the_extra(monkeypatch):

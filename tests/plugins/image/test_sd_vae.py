@@ -34,7 +34,7 @@ def _save(path, **config):
 
 
 class Images:
-    modality = "image"
+    modalities = ("image",)
     num_classes = 0
     class_names = ()
 
@@ -45,7 +45,7 @@ class Images:
         return len(self.images)
 
     def __getitem__(self, i: int) -> Example:
-        return Example(media=self.images[i])
+        return Example(media={"image": self.images[i]})
 
     def fingerprint(self) -> str:
         return "images"

@@ -29,7 +29,7 @@ PSNR_BOUND = 18.0
 class Blobs:
     """A tiny deterministic image set: smoothed noise in [-1, 1]."""
 
-    modality = "image"
+    modalities = ("image",)
     num_classes = 0
     class_names = ()
 
@@ -43,7 +43,7 @@ class Blobs:
         return len(self.images)
 
     def __getitem__(self, i: int) -> Example:
-        return Example(media=self.images[i])
+        return Example(media={"image": self.images[i]})
 
     def fingerprint(self) -> str:
         return self.tag
@@ -118,7 +118,7 @@ def test_cache_hit_loads_without_training(fitted, mnist16, monkeypatch):
     path = tok.path
     # one atomic cache entry: <cache>/image-vae/<key>/ with the weights and meta.json
     assert path.exists() and (path.parent / "meta.json").exists()
-    assert path.parent == cache / "image-vae" / tok.cache_key(mnist16[0])
+    assert path.parent == cache / "image-vae" / tok.fit_key(mnist16[0])
     mtime = path.stat().st_mtime_ns
     monkeypatch.setattr(ImageVAETokenizer, "_train", lambda *a, **k: pytest.fail("trained on a cache hit"))
     again = ImageVAETokenizer(attrs.evolve(MNIST_FIT, progress=True))  # runtime fields keep the key
@@ -127,17 +127,37 @@ def test_cache_hit_loads_without_training(fitted, mnist16, monkeypatch):
     assert time.perf_counter() - start < 5.0
     assert again.source is FitSource.CACHE and again.path == path and path.stat().st_mtime_ns == mtime
     assert again.metrics == tok.metrics
+    # the same weights encode the same latents: one key for the encoded-data cache
+    assert again.cache_key() == tok.cache_key() is not None
     x = mnist16[1].images[:16]
     assert torch.equal(again.encode(x).tokens, tok.encode(x).tokens)
 
 
 def test_cache_key_follows_data_and_weight_fields(mnist16):
-    key = ImageVAETokenizer(MNIST_FIT).cache_key(mnist16[0])
+    # the weights' key is fit_key(dataset); cache_key() (no argument) keys the encoded latents
+    key = ImageVAETokenizer(MNIST_FIT).fit_key(mnist16[0])
     for change in ({"kl_weight": 1e-2}, {"steps": 101}, {"latent_channels": 8}, {"seed": 1}):
-        assert ImageVAETokenizer(attrs.evolve(MNIST_FIT, **change)).cache_key(mnist16[0]) != key, change
+        assert ImageVAETokenizer(attrs.evolve(MNIST_FIT, **change)).fit_key(mnist16[0]) != key, change
     for change in ({"progress": True}, {"sample": True}, {"device": "cpu"}):
-        assert ImageVAETokenizer(attrs.evolve(MNIST_FIT, **change)).cache_key(mnist16[0]) == key, change
-    assert ImageVAETokenizer(MNIST_FIT).cache_key(mnist16[1]) != key
+        assert ImageVAETokenizer(attrs.evolve(MNIST_FIT, **change)).fit_key(mnist16[0]) == key, change
+    assert ImageVAETokenizer(MNIST_FIT).fit_key(mnist16[1]) != key
+
+
+def test_encoding_cache_key_needs_fitted_deterministic_weights():
+    tok = ImageVAETokenizer(TINY)
+    assert tok.cache_key() is None  # not fitted: nothing to key
+    tok.fit(Blobs())
+    key = tok.cache_key()
+    assert isinstance(key, str)
+    other = ImageVAETokenizer(TINY)
+    other.fit(Blobs())
+    assert other.cache_key() == key  # same data and config: same weights, same key
+    reseeded = ImageVAETokenizer(attrs.evolve(TINY, seed=1))
+    reseeded.fit(Blobs())
+    assert reseeded.cache_key() != key
+    sampled = ImageVAETokenizer(attrs.evolve(TINY, sample=True))
+    sampled.fit(Blobs())
+    assert sampled.cache_key() is None  # sampled latents differ on every encoding: never cached
 
 
 def test_corrupt_cache_is_retrained_with_a_warning(tmp_path):
@@ -187,7 +207,7 @@ def test_training_is_seeded_and_leaves_the_global_rng_alone():
     c, d = ImageVAETokenizer(attrs.evolve(TINY, seed=None)), ImageVAETokenizer(attrs.evolve(TINY, seed=None))
     c.fit(Blobs(), generator=torch.Generator().manual_seed(1))
     d.fit(Blobs(), generator=torch.Generator().manual_seed(2))
-    assert c.config.seed != d.config.seed and c.cache_key(Blobs()) != d.cache_key(Blobs())
+    assert c.config.seed != d.config.seed and c.fit_key(Blobs()) != d.fit_key(Blobs())
 
 
 def test_wrong_images_give_clear_errors():
