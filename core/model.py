@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfflow.core.attention import attend, padding_mask
-from selfflow.core.kernels import apply_rope as apply_rope  # re-exported for tests/core/test_attention.py
 from selfflow.core.kernels import gather_levels, gelu_tanh, muladd, rotate_qkv
 from selfflow.core.types import ROPE_TIME_TICKS, Timesteps, TokenBatch
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import attrs
 import torch
@@ -100,8 +101,9 @@ def train_step(
     parts = []
     for i, batch in enumerate(micros):
         # DDP synchronises gradients only on the last micro-batch
-        sync = i == len(micros) - 1 or not hasattr(state.model, "no_sync")
-        with contextlib.nullcontext() if sync else state.model.no_sync():
+        no_sync = getattr(state.model, "no_sync", None)
+        sync = i == len(micros) - 1 or no_sync is None
+        with contextlib.nullcontext() if sync else cast(Callable[[], contextlib.AbstractContextManager[None]], no_sync)():
             # student + teacher forward and the losses, then the generation + representation gradients
             losses = state.objective(state.model, batch, teacher=state.teacher, generator=generator)
             _check_finite(losses, state.step)

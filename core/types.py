@@ -25,7 +25,7 @@ Positions, once (``Segment.positions (B, N, 3)``, integer ``(t, h, w)``):
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import attrs
 import torch
@@ -136,6 +136,10 @@ class Segment:
         )
 
 
+def _segments(value: Iterable[Segment]) -> tuple[Segment, ...]:
+    return tuple(value)
+
+
 def _check_batch(batch: TokenBatch, attribute: attrs.Attribute, value: object) -> None:
     if not batch.segments:
         raise ValueError("TokenBatch needs at least one segment")
@@ -167,7 +171,7 @@ class TokenBatch:
     null label for classifier-free guidance.
     """
 
-    segments: tuple[Segment, ...] = attrs.field(converter=tuple)
+    segments: tuple[Segment, ...] = attrs.field(converter=_segments)
     labels: Tensor | None = attrs.field(default=None, validator=_check_batch)
 
     @property

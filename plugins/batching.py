@@ -131,7 +131,7 @@ def encoding_key(dataset: Dataset, tokenizers: Mapping[str, Tokenizer], *, label
 
     keys = {}
     for name, tok in tokenizers.items():
-        key = tok.cache_key() if hasattr(tok, "cache_key") else None
+        key = tok.cache_key()
         if key is None:
             return None
         keys[name] = key

@@ -118,8 +118,12 @@ class PluginHost:
         """
         for kind, make_register in registers.items():
             hook = getattr(self.pm.hook, f"selfflow_register_{kind}")
-            for impl in hook.get_hookimpls()[::-1]:  # pluggy lists last-registered first
-                name = self.pm.get_name(impl.plugin)
+            impls = {self.pm.get_name(impl.plugin): impl for impl in hook.get_hookimpls()}
+            # load order, stated here rather than taken from pluggy's listing order: built-ins
+            # first, so they keep their names and a clash is the newcomer's failure
+            order = [n for n in self.plugins if n in impls] + [n for n in impls if n not in self.plugins]
+            for name in order:
+                impl = impls[name]
                 info = self.plugins.get(name)
                 register = make_register(name)
                 try:

@@ -16,7 +16,7 @@ between the plugin's dataset, tokenizer, writer, reference network and metrics.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -100,6 +100,10 @@ class Tokenizer(Protocol):
 # ----------------------------------------------------------------------------- writers
 
 
+def _items(value: Iterable[int]) -> tuple[int, ...]:
+    return tuple(int(i) for i in value)
+
+
 @attrs.frozen(kw_only=True)
 class MediaFile:
     """A file a writer wrote and how ``samples.html`` shows it: ``element`` is ``"img"``,
@@ -109,7 +113,7 @@ class MediaFile:
 
     path: Path
     element: str = attrs.field(validator=attrs.validators.in_(("img", "video", "audio", "text")))
-    items: tuple[int, ...] = attrs.field(default=(), converter=tuple)
+    items: tuple[int, ...] = attrs.field(default=(), converter=_items)
     caption: str = ""
 
 

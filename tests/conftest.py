@@ -99,7 +99,7 @@ class _Subset:
 
     def __init__(self, base, n: int) -> None:
         self.base, self.n = base, n
-        self.modality = getattr(base, "modality", "image")
+        self.modalities = getattr(base, "modalities", ("image",))
         self.num_classes, self.class_names = base.num_classes, base.class_names
 
     def __len__(self) -> int:

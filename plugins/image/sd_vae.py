@@ -14,6 +14,8 @@ statistics (SDXL-style). ``decode`` inverts that and clamps to [-1, 1].
 
 from __future__ import annotations
 
+import hashlib
+
 from pathlib import Path
 
 import attrs
@@ -136,7 +138,11 @@ class SDVAETokenizer:
             return None
         from selfflow.core.files import content_key
 
-        return content_key("image/sd-vae", self.config)
+        # the weights' bytes, not just their path: other weights saved at the same path must not
+        # reuse stale encodings
+        folder = Path(self.config.path) / (self.config.subfolder or "")
+        digests = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.glob("*")) if f.is_file()}
+        return content_key("image/sd-vae", self.config, digests)
 
     def _ready(self, device: torch.device) -> None:
         self.load()

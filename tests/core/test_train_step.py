@@ -146,7 +146,7 @@ def test_micro_batches_accumulate_the_mean_gradient(make_batch):
         losses = ref.objective(ref.model, b, teacher=ref.teacher, generator=g)
         losses.total.backward()
         grads.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in ref.trainable_parameters()])
-        totals.append(float(losses.total))
+        totals.append(float(losses.total.detach()))
         ref.optimizer.zero_grad(set_to_none=True)
 
     state = _state(optimizer="sgd", lr=1.0, grad_clip=1e9)

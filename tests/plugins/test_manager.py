@@ -256,6 +256,26 @@ def test_a_broken_plugin_is_skipped_by_name_or_fatal_when_strict(tmp_path, monke
         compose.load_registries()
 
 
+CLASHING = '''
+from selfflow.plugins import hookimpl
+
+@hookimpl
+def selfflow_register_datasets(register):
+    register.add("image/mnist", lambda config, *, split, seed: None, None, "a clash with a built-in")
+'''
+
+
+def test_builtins_register_first_and_keep_their_names(tmp_path, monkeypatch):
+    install(tmp_path, monkeypatch, "clashplug", CLASHING)
+    with pytest.warns(PluginWarning) as caught:
+        regs, host = compose.load_registries()
+    assert regs.datasets.get("image/mnist").plugin == "image"  # the built-in keeps its name ...
+    assert {"image/digits", "image/folder", "image/glyphs"} <= set(regs.datasets.names())  # ... and the rest
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "'clashplug'" in messages and "registered twice: by plugin 'image' and by plugin 'clashplug'" in messages
+    assert host.plugins["image"].error is None and host.plugins["clashplug"].error
+
+
 def test_every_hookspec_is_documented():
     for name in hookspecs.HOOKS:
         fn = getattr(hookspecs, name)

@@ -175,8 +175,11 @@ def test_registry_factories_build_the_reference_lazily(reference, data):
 
     context = _context(data[0], data[1], reference_fn)
     assert not calls, "building the context builds no reference"
-    metrics = [FrechetDistance.from_config(None, context=context), KernelDistance.from_config(KIDConfig(subsets=5), context=context),
-               ClassAccuracy.from_config(None, context=context)]
+    metrics = [
+        FrechetDistance.from_config(None, context=context),
+        KernelDistance.from_config(KIDConfig(subsets=5), context=context),
+        ClassAccuracy.from_config(None, context=context),
+    ]
     assert len(calls) == 3 and all(m.reference is reference for m in metrics)
     assert all(isinstance(m, MediaMetric) for m in metrics)
 
