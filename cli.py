@@ -30,8 +30,14 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a run (default: image/mnist-selfflow)")
     t.add_argument("run", nargs="?", help="a registered run name or a TOML file")
     t.add_argument("--config", help="a run config TOML file")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set objective.gamma=0.5 (repeatable)")
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set objective.gamma=0.5 (repeatable)",
+    )
     t.add_argument("--resume", help="continue from a run directory or checkpoint")
     t.add_argument("--out", help="run directory (default: from run.output_dir)")
     t.add_argument("--device", help="torch device (default: run.device)")
@@ -49,16 +55,24 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="compute a run's metrics from a checkpoint's EMA model")
     e.add_argument("checkpoint", help="a run directory or a checkpoint directory")
-    e.add_argument("--metric", action="append", default=[], metavar="NAME",
-                   help="a registered metric or probe, NAME or NAME@MODALITY (repeatable; default: the run's [eval] metrics, "
-                        "else fd, kid, class-accuracy, linear-probe of every generated modality)")
+    e.add_argument(
+        "--metric",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a registered metric or probe, NAME or NAME@MODALITY (repeatable; default: the run's [eval] metrics, "
+        "else fd, kid, class-accuracy, linear-probe of every generated modality)",
+    )
     e.add_argument("--samples", type=int, help="number of samples (default: eval.num_samples)")
     e.add_argument("--seed", type=int, help="sampling seed (default: eval.seed)")
     e.add_argument("--cfg", type=float, help="classifier-free guidance scale")
     e.add_argument("--sampler", help="a registered sampler, e.g. sde/euler-maruyama")
     e.add_argument("--steps", type=int, help="sampler steps")
-    e.add_argument("--real", action="store_true",
-                   help="score real held-out items instead of samples (the metrics' ceiling; writes eval/eval_real_data.*)")
+    e.add_argument(
+        "--real",
+        action="store_true",
+        help="score real held-out items instead of samples (the metrics' ceiling; writes eval/eval_real_data.*)",
+    )
 
     r = sub.add_parser("runs", help="registered runs")
     r.add_argument("action", choices=["list"])
@@ -119,8 +133,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
         labels = class_rows(run, run.streams[name], args.n, ids)
         if ids is not None and labels is None:
             raise UsageError("--labels: this run's samples have no classes (unconditional)")
-        files += write_samples(run, out, stem=f"step_{run.state.step:07d}", labels=labels, n=args.n, seed=args.seed,
-                               gallery=gallery, step=run.state.step, cfg_scale=args.cfg, streams=[name])
+        files += write_samples(
+            run,
+            out,
+            stem=f"step_{run.state.step:07d}",
+            labels=labels,
+            n=args.n,
+            seed=args.seed,
+            gallery=gallery,
+            step=run.state.step,
+            cfg_scale=args.cfg,
+            streams=[name],
+        )
     for f in files:
         print(f.path)
     print(out / "samples.html")
@@ -154,7 +178,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         specs = list(cfg.eval.metrics)
     else:
         specs = default_metrics(run, real_data=args.real)
-    report = evaluate(run, metrics=specs, num_samples=args.samples, seed=args.seed, cfg_scale=args.cfg, real_data=args.real)
+    report = evaluate(
+        run, metrics=specs, num_samples=args.samples, seed=args.seed, cfg_scale=args.cfg, real_data=args.real
+    )
     path = write_report(report, run.out_dir / "eval", stem="eval_real_data" if args.real else None)
     print(report.markdown())
     print(path)
@@ -209,8 +235,15 @@ def cmd_registry(args: argparse.Namespace) -> int:
         if e.config_cls is not None:
             print("  options:")
             for f in attrs.fields(e.config_cls):
-                default = "required" if f.default is attrs.NOTHING else (
-                    f"default {f.default.factory()!r}" if isinstance(f.default, attrs.Factory) else f"default {f.default!r}")
+                default = (
+                    "required"
+                    if f.default is attrs.NOTHING
+                    else (
+                        f"default {f.default.factory()!r}"
+                        if isinstance(f.default, attrs.Factory)
+                        else f"default {f.default!r}"
+                    )
+                )
                 print(f"    {f.name}: {getattr(f.type, '__name__', f.type)} ({default})")
         if kind == "runs":
             print()
@@ -245,7 +278,8 @@ HINTS = {
     "RegistryError": "selfflow registry list shows every registered name",
     "CheckpointError": "point at a run directory or a checkpoints/step_* directory written by selfflow",
     "PluginLoadError": "unset SELFFLOW_STRICT_PLUGINS, or block the plugin with SELFFLOW_BLOCK_PLUGINS=NAME",
-    "NonFiniteLossError": "resume from the last checkpoint with a lower optimizer.lr (--resume RUN --set optimizer.lr=...)",
+    "NonFiniteLossError": "resume from the last checkpoint with a lower optimizer.lr "
+    "(--resume RUN --set optimizer.lr=...)",
     "ImportError": "install the extra named above",
     "ModuleNotFoundError": "install the extra named above",
 }
@@ -262,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 - one clear line unless --debug
+    except Exception as err:
         if args.debug:
             raise
         name = type(err).__name__

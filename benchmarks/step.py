@@ -90,8 +90,9 @@ def _linear(rows: int, fan_in: int, fan_out: int, *, grad_input: bool, grad_weig
     return fwd * (1 + int(grad_input) + int(grad_weight))
 
 
-def step_flops(setup: Setup, method: Method, *, student_layer: int, teacher_layer: int,
-               student_levels: int, teacher_levels: int) -> dict[str, int]:
+def step_flops(
+    setup: Setup, method: Method, *, student_layer: int, teacher_layer: int, student_levels: int, teacher_levels: int
+) -> dict[str, int]:
     """Matmul FLOPs one training step performs, by part (multiply-add = 2 FLOPs).
 
     Forward: every linear layer, adaLN on ``B K`` rows (K noise levels per sample, factored)
@@ -130,7 +131,8 @@ def step_flops(setup: Setup, method: Method, *, student_layer: int, teacher_laye
     out = {f"student {k}": v for k, v in student.items()}
     if method.objective == "self-flow":
         out["projector"] = _linear(t, d, 2 * d, grad_input=True, grad_weight=True, backward=True) + _linear(
-            t, 2 * d, d, grad_input=True, grad_weight=True, backward=True)
+            t, 2 * d, d, grad_input=True, grad_weight=True, backward=True
+        )
         teacher = model(teacher_levels, teacher_layer, backward=False, final=False)
         out.update({f"teacher {k}": v for k, v in teacher.items()})
     return {k: v for k, v in out.items() if v}
@@ -199,7 +201,7 @@ def matmul_rate(n: int, repeats: int = 3) -> float:
 
 def make_batch(setup: Setup) -> TokenBatch:
     g = torch.Generator().manual_seed(setup.seed)
-    h = int(math.isqrt(setup.tokens))
+    h = math.isqrt(setup.tokens)
     while setup.tokens % h:
         h -= 1
     positions = grid_positions(1, h, setup.tokens // h, batch=setup.batch).contiguous()
@@ -209,8 +211,15 @@ def make_batch(setup: Setup) -> TokenBatch:
 
 
 def model_config(setup: Setup, modulation: str) -> ModelConfig:
-    return ModelConfig(channels={"image": setup.channels}, width=setup.width, depth=setup.depth, heads=setup.heads,
-                       mlp_ratio=setup.mlp_ratio, num_classes=setup.classes, modulation=modulation)
+    return ModelConfig(
+        channels={"image": setup.channels},
+        width=setup.width,
+        depth=setup.depth,
+        heads=setup.heads,
+        mlp_ratio=setup.mlp_ratio,
+        num_classes=setup.classes,
+        modulation=modulation,
+    )
 
 
 def build_state(setup: Setup, method: Method, weights: dict[str, torch.Tensor], optimizer: str) -> TrainState:
@@ -224,7 +233,9 @@ def build_state(setup: Setup, method: Method, weights: dict[str, torch.Tensor], 
     params = list(model.parameters()) + list(objective.parameters())
     kwargs = {"fused": True} if optimizer == "fused" else {"foreach": optimizer == "foreach"}
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, **kwargs)
-    return TrainState(model=model, teacher=EMATeacher(model, EMAConfig(decay=0.999)), objective=objective, optimizer=opt)
+    return TrainState(
+        model=model, teacher=EMATeacher(model, EMAConfig(decay=0.999)), objective=objective, optimizer=opt
+    )
 
 
 def levels_used(state: TrainState, batch: TokenBatch, seed: int) -> tuple[int, int]:
@@ -243,7 +254,9 @@ def levels_used(state: TrainState, batch: TokenBatch, seed: int) -> tuple[int, i
     if model.cfg.modulation == "dense":
         return student.num_levels, teacher.num_levels
     with torch.no_grad():
-        return model.conditioning(student, batch.labels)[0].shape[1], model.conditioning(teacher, batch.labels)[0].shape[1]
+        return model.conditioning(student, batch.labels)[0].shape[1], model.conditioning(teacher, batch.labels)[
+            0
+        ].shape[1]
 
 
 @attrs.frozen(kw_only=True)
@@ -264,8 +277,16 @@ class Result:
         return sum(self.flops.values())
 
 
-def run(setup: Setup, methods: Sequence[Method], *, warmup: int, repeats: int, peak_sizes: Sequence[int],
-        optimizer: str, progress: bool = True) -> dict[str, Any]:
+def run(
+    setup: Setup,
+    methods: Sequence[Method],
+    *,
+    warmup: int,
+    repeats: int,
+    peak_sizes: Sequence[int],
+    optimizer: str,
+    progress: bool = True,
+) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     batch = make_batch(setup)
@@ -310,13 +331,32 @@ def run(setup: Setup, methods: Sequence[Method], *, warmup: int, repeats: int, p
         student_layer = getattr(obj, "student_layer", None)
         teacher_layer = getattr(obj, "teacher_layer", None)
         s_levels, t_levels = levels_used(st, batch, setup.seed)
-        flops = step_flops(setup, m, student_layer=student_layer or 0, teacher_layer=teacher_layer or 0,
-                           student_levels=s_levels, teacher_levels=t_levels)
-        results.append(Result(method=m, times=times[m.name], flops=flops, student_layer=student_layer,
-                              teacher_layer=teacher_layer, last_loss=losses[m.name]))
+        flops = step_flops(
+            setup,
+            m,
+            student_layer=student_layer or 0,
+            teacher_layer=teacher_layer or 0,
+            student_levels=s_levels,
+            teacher_levels=t_levels,
+        )
+        results.append(
+            Result(
+                method=m,
+                times=times[m.name],
+                flops=flops,
+                student_layer=student_layer,
+                teacher_layer=teacher_layer,
+                last_loss=losses[m.name],
+            )
+        )
     peak = max(rate for _, rate in peaks)
-    return {"results": results, "peaks": peaks, "peak": peak, "other_load": load.mean,
-            "parameters": states[methods[0].name].module.num_parameters()}
+    return {
+        "results": results,
+        "peaks": peaks,
+        "peak": peak,
+        "other_load": load.mean,
+        "parameters": states[methods[0].name].module.num_parameters(),
+    }
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -328,13 +368,23 @@ def summarise(out: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for r in out["results"]:
         rate = r.total_flops / r.median / 1e9
-        rows.append({
-            "method": r.method.name, "label": r.method.label, "ms_median": 1e3 * r.median,
-            "ms_min": 1e3 * min(r.times), "ms_max": 1e3 * max(r.times), "gflop": r.total_flops / 1e9,
-            "gflops_per_s": rate, "utilisation": rate / peak, "times_ms": [1e3 * t for t in r.times],
-            "flops": r.flops, "student_layer": r.student_layer, "teacher_layer": r.teacher_layer,
-            "last_loss": r.last_loss,
-        })
+        rows.append(
+            {
+                "method": r.method.name,
+                "label": r.method.label,
+                "ms_median": 1e3 * r.median,
+                "ms_min": 1e3 * min(r.times),
+                "ms_max": 1e3 * max(r.times),
+                "gflop": r.total_flops / 1e9,
+                "gflops_per_s": rate,
+                "utilisation": rate / peak,
+                "times_ms": [1e3 * t for t in r.times],
+                "flops": r.flops,
+                "student_layer": r.student_layer,
+                "teacher_layer": r.teacher_layer,
+                "last_loss": r.last_loss,
+            }
+        )
     ratios: dict[str, float] = {}
     if "selfflow" in by and "selfflow-dense" in by:
         ratios["factored_speedup"] = by["selfflow-dense"].median / by["selfflow"].median
@@ -368,16 +418,22 @@ def format_ratios(summary: dict[str, Any]) -> str:
     mark = lambda ok: "met" if ok else "NOT met"  # noqa: E731
     lines = []
     if "factored_speedup" in r:
-        lines.append(f"- factored vs dense adaLN (Self-Flow step): **{r['factored_speedup']:.2f}x** faster "
-                     f"(target >= {TARGETS['factored_speedup']}x: {mark(c['factored_speedup'])})")
+        lines.append(
+            f"- factored vs dense adaLN (Self-Flow step): **{r['factored_speedup']:.2f}x** faster "
+            f"(target >= {TARGETS['factored_speedup']}x: {mark(c['factored_speedup'])})"
+        )
     if "selfflow_over_vanilla" in r:
-        lines.append(f"- Self-Flow / vanilla step time: **{r['selfflow_over_vanilla']:.2f}x** "
-                     f"(target <= {TARGETS['selfflow_over_vanilla']}x: {mark(c['selfflow_over_vanilla'])})")
+        lines.append(
+            f"- Self-Flow / vanilla step time: **{r['selfflow_over_vanilla']:.2f}x** "
+            f"(target <= {TARGETS['selfflow_over_vanilla']}x: {mark(c['selfflow_over_vanilla'])})"
+        )
     for row in summary["rows"]:
         key = f"utilisation {row['method']}"
         if key in c:
-            lines.append(f"- matmul utilisation, {row['label']}: **{100 * row['utilisation']:.1f}%** of the measured "
-                         f"peak (target >= {100 * TARGETS['utilisation']:.0f}%: {mark(c[key])})")
+            lines.append(
+                f"- matmul utilisation, {row['label']}: **{100 * row['utilisation']:.1f}%** of the measured "
+                f"peak (target >= {100 * TARGETS['utilisation']:.0f}%: {mark(c[key])})"
+            )
     return "\n".join(lines)
 
 
@@ -391,9 +447,14 @@ def plot(summary: dict[str, Any], peak: float, path: Path) -> None:
     labels = [row["label"].replace(" (", "\n(") for row in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     bars = ax1.bar(labels, [row["ms_median"] for row in rows], color=["#888888", "#1f77b4", "#d62728"][: len(rows)])
-    ax1.errorbar(range(len(rows)), [row["ms_median"] for row in rows],
-                 yerr=[[row["ms_median"] - row["ms_min"] for row in rows], [row["ms_max"] - row["ms_median"] for row in rows]],
-                 fmt="none", ecolor="black", capsize=4)
+    ax1.errorbar(
+        range(len(rows)),
+        [row["ms_median"] for row in rows],
+        yerr=[[row["ms_median"] - row["ms_min"] for row in rows], [row["ms_max"] - row["ms_median"] for row in rows]],
+        fmt="none",
+        ecolor="black",
+        capsize=4,
+    )
     ax1.bar_label(bars, fmt="%.0f ms")
     ax1.set_ylabel("ms per training step (median, min-max)")
     ax1.set_title("step time")
@@ -468,20 +529,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--peak-sizes", type=int, nargs="+", help="square matmul sizes for the peak (default 2048 4096)")
     p.add_argument("--methods", nargs="+", choices=[m.name for m in METHODS], help="subset of methods")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--optimizer", choices=["fused", "foreach", "for-loop"], default="fused",
-                   help="AdamW implementation (default fused: one kernel per tensor)")
-    p.add_argument("--no-allocator-tuning", action="store_true", help="leave glibc malloc as it is (see tune_cpu_allocator)")
+    p.add_argument(
+        "--optimizer",
+        choices=["fused", "foreach", "for-loop"],
+        default="fused",
+        help="AdamW implementation (default fused: one kernel per tensor)",
+    )
+    p.add_argument(
+        "--no-allocator-tuning", action="store_true", help="leave glibc malloc as it is (see tune_cpu_allocator)"
+    )
     p.add_argument("--out", help="directory for step.json and step.png (default benchmarks/results/step)")
-    p.add_argument("--results-md", help="where to write the markdown report (default benchmarks/RESULTS.md; "
-                                        "quick runs write none unless given)")
+    p.add_argument(
+        "--results-md",
+        help="where to write the markdown report (default benchmarks/RESULTS.md; quick runs write none unless given)",
+    )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
     base = Setup(width=64, depth=2, heads=2, tokens=16, channels=4, batch=4, classes=10) if args.quick else Setup()
-    setup = attrs.evolve(base, **{k: v for k, v in {
-        "width": args.width, "depth": args.depth, "heads": args.heads, "tokens": args.tokens,
-        "channels": args.channels, "batch": args.batch, "classes": args.classes, "seed": args.seed,
-    }.items() if v is not None})
+    setup = attrs.evolve(
+        base,
+        **{
+            k: v
+            for k, v in {
+                "width": args.width,
+                "depth": args.depth,
+                "heads": args.heads,
+                "tokens": args.tokens,
+                "channels": args.channels,
+                "batch": args.batch,
+                "classes": args.classes,
+                "seed": args.seed,
+            }.items()
+            if v is not None
+        },
+    )
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 7)
     peak_sizes = args.peak_sizes or ([256] if args.quick else [2048, 4096])
@@ -492,8 +574,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     tuned = False if args.no_allocator_tuning else tune_cpu_allocator()
 
-    out = run(setup, methods, warmup=warmup, repeats=repeats, peak_sizes=peak_sizes,
-              optimizer=args.optimizer, progress=not args.no_progress)
+    out = run(
+        setup,
+        methods,
+        warmup=warmup,
+        repeats=repeats,
+        peak_sizes=peak_sizes,
+        optimizer=args.optimizer,
+        progress=not args.no_progress,
+    )
     summary = summarise(out)
     command = "python -m selfflow.benchmarks.step" + ("" if not argv else " " + shlex.join(argv))
     sf = next((r for r in out["results"] if r.method.objective == "self-flow"), None)
@@ -506,9 +595,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "optimizer": args.optimizer,
         "parameters": out["parameters"],
         "layers": {"student": sf.student_layer if sf else None, "teacher": sf.teacher_layer if sf else None},
-        "environment": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                        "python": platform.python_version(), "allocator_tuned": tuned,
-                        "other_load_cores": out["other_load"]},
+        "environment": {
+            "cpu": cpu_name(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "allocator_tuned": tuned,
+            "other_load_cores": out["other_load"],
+        },
         "peaks": out["peaks"],
         "peak_gflops": out["peak"],
         "targets": TARGETS,
@@ -520,8 +614,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(format_ratios(summary))
     if out["other_load"] is not None and out["other_load"] > 0.1:
-        print(f"\nwarning: other processes used {out['other_load']:.2f} cores during the timed rounds; "
-              "timings on a shared machine are pessimistic")
+        print(
+            f"\nwarning: other processes used {out['other_load']:.2f} cores during the timed rounds; "
+            "timings on a shared machine are pessimistic"
+        )
 
     out_dir = Path(args.out or "benchmarks/results/step")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -189,7 +189,11 @@ class Loop:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{float(result.losses.total.detach()):.4f}", refresh=False)
-                if cfg.output.checkpoint_every and self.state.step % cfg.output.checkpoint_every == 0 and self.state.step < cfg.steps:
+                if (
+                    cfg.output.checkpoint_every
+                    and self.state.step % cfg.output.checkpoint_every == 0
+                    and self.state.step < cfg.steps
+                ):
                     self.save()
                 for cb in self.callbacks:
                     cb.on_step(self, result)

@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from selfflow.core.distill import EMATeacher
 from selfflow.core.distributed import all_reduce_grads
-from selfflow.core.objectives import Objective
 from selfflow.core.types import LossBreakdown, TokenBatch
 
 
@@ -103,7 +102,9 @@ def train_step(
         # DDP synchronises gradients only on the last micro-batch
         no_sync = getattr(state.model, "no_sync", None)
         sync = i == len(micros) - 1 or no_sync is None
-        with contextlib.nullcontext() if sync else cast(Callable[[], contextlib.AbstractContextManager[None]], no_sync)():
+        with (
+            contextlib.nullcontext() if sync else cast(Callable[[], contextlib.AbstractContextManager[None]], no_sync)()
+        ):
             # student + teacher forward and the losses, then the generation + representation gradients
             losses = state.objective(state.model, batch, teacher=state.teacher, generator=generator)
             _check_finite(losses, state.step)

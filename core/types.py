@@ -44,7 +44,6 @@ def time_ticks(frame: Tensor | int | float, rate_hz: float) -> Tensor:
     return torch.round(frame_t * (TIME_RATE / float(rate_hz))).long()
 
 
-
 class Role(enum.Enum):
     """What a segment is for: ``GENERATE`` tokens are noised, trained on and sampled;
     ``CONDITION`` tokens stay clean, sit at noise level 0 and carry no loss."""
@@ -192,9 +191,7 @@ class TokenBatch:
 
     def generate_mask(self) -> Tensor:
         """``(B, N_total)`` bool: tokens that are generated (and real, not padding)."""
-        return torch.cat(
-            [seg.valid_mask() & seg.generated for seg in self.segments], dim=1
-        )
+        return torch.cat([seg.valid_mask() & seg.generated for seg in self.segments], dim=1)
 
     def valid_mask(self) -> Tensor | None:
         """``(B, N_total)`` bool, or ``None`` when no segment is padded."""
@@ -206,9 +203,7 @@ class TokenBatch:
         """The same batch with each segment's tokens replaced, in order."""
         if len(tokens) != len(self.segments):
             raise ValueError(f"expected {len(self.segments)} token tensors, got {len(tokens)}")
-        return attrs.evolve(
-            self, segments=tuple(seg.with_tokens(x) for seg, x in zip(self.segments, tokens))
-        )
+        return attrs.evolve(self, segments=tuple(seg.with_tokens(x) for seg, x in zip(self.segments, tokens)))
 
     def with_labels(self, labels: Tensor | None) -> TokenBatch:
         return attrs.evolve(self, labels=labels)
@@ -230,11 +225,11 @@ def _check_timesteps(ts: Timesteps, attribute: attrs.Attribute, value: object) -
     if ts.index.ndim != 2:
         raise _shape_error("Timesteps.index", ts.index, "(B, N_total)")
     if ts.index.dtype != torch.long:
-        raise TypeError(f"Timesteps.index must be torch.long (it feeds gather), got {ts.index.dtype}; convert with .long()")
-    if ts.index.shape[0] != ts.levels.shape[0]:
-        raise ValueError(
-            f"Timesteps batch sizes differ: levels {ts.levels.shape[0]}, index {ts.index.shape[0]}"
+        raise TypeError(
+            f"Timesteps.index must be torch.long (it feeds gather), got {ts.index.dtype}; convert with .long()"
         )
+    if ts.index.shape[0] != ts.levels.shape[0]:
+        raise ValueError(f"Timesteps batch sizes differ: levels {ts.levels.shape[0]}, index {ts.index.shape[0]}")
 
 
 @attrs.frozen(kw_only=True)
@@ -290,7 +285,9 @@ class LossBreakdown:
         return out
 
 
-def grid_positions(frames: int, height: int, width: int, *, batch: int = 1, device: torch.device | str = "cpu") -> Tensor:
+def grid_positions(
+    frames: int, height: int, width: int, *, batch: int = 1, device: torch.device | str = "cpu"
+) -> Tensor:
     """``(batch, frames * height * width, 3)`` long (t, h, w) coordinates in raster order."""
     t, h, w = torch.meshgrid(
         torch.arange(frames, device=device),

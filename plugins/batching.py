@@ -58,8 +58,12 @@ def pad_segments(parts: Sequence[Segment]) -> Segment:
     n = max(p.num_tokens for p in parts)
     if all(p.num_tokens == n for p in parts):
         valid = None if all(p.valid is None for p in parts) else torch.cat([p.valid_mask() for p in parts])
-        return attrs.evolve(parts[0], tokens=torch.cat([p.tokens for p in parts]),
-                            positions=torch.cat([p.positions for p in parts]), valid=valid)
+        return attrs.evolve(
+            parts[0],
+            tokens=torch.cat([p.tokens for p in parts]),
+            positions=torch.cat([p.positions for p in parts]),
+            valid=valid,
+        )
 
     def pad(x: Tensor, value: float | bool) -> Tensor:
         extra = list(x.shape)
@@ -117,8 +121,12 @@ class EncodedData:
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, Tensor], modalities: Sequence[str]) -> EncodedData:
         segs = [
-            Segment(modality=m, tokens=tensors[f"{m}.tokens"], positions=tensors[f"{m}.positions"],
-                    valid=tensors.get(f"{m}.valid"))
+            Segment(
+                modality=m,
+                tokens=tensors[f"{m}.tokens"],
+                positions=tensors[f"{m}.positions"],
+                valid=tensors.get(f"{m}.valid"),
+            )
             for m in modalities
         ]
         return cls(segments=segs, labels=tensors.get("labels"))
@@ -185,7 +193,9 @@ def encode_dataset(
                         batch = batch.to(device)
                     seg = tok.encode(batch)
                     if seg.modality != m:
-                        raise ValueError(f"tokenizer {type(tok).__name__} made {seg.modality!r} tokens for modality {m!r}")
+                        raise ValueError(
+                            f"tokenizer {type(tok).__name__} made {seg.modality!r} tokens for modality {m!r}"
+                        )
                     parts[m].append(seg.to("cpu"))
             if labels:
                 ys.extend(-1 if it.label is None else int(it.label) for it in items)
@@ -225,8 +235,17 @@ class TokenSource:
     same roles.
     """
 
-    def __init__(self, data: EncodedData, *, batch_size: int, seed: int, device: torch.device | str = "cpu",
-                 shard_: Shard | None = None, rule: ConditionRule | None = None, rule_stream: int = 0) -> None:
+    def __init__(
+        self,
+        data: EncodedData,
+        *,
+        batch_size: int,
+        seed: int,
+        device: torch.device | str = "cpu",
+        shard_: Shard | None = None,
+        rule: ConditionRule | None = None,
+        rule_stream: int = 0,
+    ) -> None:
         sh = shard_ or shard()
         if batch_size % sh.world:
             raise ValueError(f"batch size {batch_size} is not divisible by the {sh.world} processes")
@@ -264,7 +283,9 @@ class TokenSource:
         batch = self.data.take(torch.from_numpy(mine))
         gen = None
         if self.rule.is_random:
-            gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, 104_729, self.rule_stream, draw]).generate_state(1)[0]))
+            gen = torch.Generator().manual_seed(
+                int(np.random.SeedSequence([self.seed, 104_729, self.rule_stream, draw]).generate_state(1)[0])
+            )
         return self.rule(batch, generator=gen).to(self.device)
 
     def position(self) -> dict[str, Any]:

@@ -128,7 +128,7 @@ class PluginHost:
                 register = make_register(name)
                 try:
                     impl.function(register=register)
-                except Exception as err:  # noqa: BLE001
+                except Exception as err:
                     if info is not None:
                         self._fail(info, f"register {kind}", err)
                     else:

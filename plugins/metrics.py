@@ -70,7 +70,9 @@ class FrechetDistance(_FeatureDistance):
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         self.reference = _need_reference(self.name, reference)
-        self._metric = FrechetInceptionDistance(feature=reference.feature_module(), reset_real_features=False).to(reference.device)
+        self._metric = FrechetInceptionDistance(feature=reference.feature_module(), reset_real_features=False).to(
+            reference.device
+        )
 
     @classmethod
     def from_config(cls, config: None, *, context: MetricContext) -> FrechetDistance:
@@ -80,7 +82,9 @@ class FrechetDistance(_FeatureDistance):
         n_real = int(self._metric.real_features_num_samples)
         n_fake = int(self._metric.fake_features_num_samples)
         if n_real < 2 or n_fake < 2:
-            raise ValueError(f"Fréchet distance needs at least 2 real and 2 fake samples, got {n_real} real and {n_fake} fake")
+            raise ValueError(
+                f"Fréchet distance needs at least 2 real and 2 fake samples, got {n_real} real and {n_fake} fake"
+            )
         value = float(self._metric.compute())
         details = {"real_samples": n_real, "fake_samples": n_fake, **self.reference.describe()}
         return [MetricResult(name=self.name, value=value, details=details)]
@@ -178,13 +182,19 @@ class ClassAccuracy:
         if fake is None:
             return
         if labels is None:
-            raise ValueError("class accuracy needs the labels the samples were generated for: update(fake=..., labels=...)")
+            raise ValueError(
+                "class accuracy needs the labels the samples were generated for: update(fake=..., labels=...)"
+            )
         labels = labels.detach().long().cpu()
         if labels.shape != (len(fake),):
-            raise ValueError(f"labels must have shape ({len(fake)},) for {len(fake)} samples, got {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must have shape ({len(fake)},) for {len(fake)} samples, got {tuple(labels.shape)}"
+            )
         k = self.reference.num_classes
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= k):
-            raise ValueError(f"labels must be class ids in [0, {k}), got values in [{int(labels.min())}, {int(labels.max())}]")
+            raise ValueError(
+                f"labels must be class ids in [0, {k}), got values in [{int(labels.min())}, {int(labels.max())}]"
+            )
         pred = self.reference.logits(fake).argmax(dim=-1).cpu()
         self._total += torch.bincount(labels, minlength=k)
         self._correct += torch.bincount(labels[pred == labels], minlength=k)
@@ -198,7 +208,12 @@ class ClassAccuracy:
         if n == 0:
             raise ValueError("class accuracy has no samples: call update(fake=..., labels=...) first")
         per_class = [round(c / t, 4) if t else None for c, t in zip(self._correct.tolist(), self._total.tolist())]
-        details = {"samples": n, "per_class": per_class, "chance": 1.0 / self.reference.num_classes, **self.reference.describe()}
+        details = {
+            "samples": n,
+            "per_class": per_class,
+            "chance": 1.0 / self.reference.num_classes,
+            **self.reference.describe(),
+        }
         return [MetricResult(name=self.name, value=int(self._correct.sum()) / n, details=details)]
 
 
@@ -230,8 +245,14 @@ class ProbeFit:
 
 
 def fit_linear_probe(
-    train_x: Tensor, train_y: Tensor, eval_x: Tensor, eval_y: Tensor, *, num_classes: int | None = None,
-    weight_decay: float = 1e-3, max_iter: int = 200,
+    train_x: Tensor,
+    train_y: Tensor,
+    eval_x: Tensor,
+    eval_y: Tensor,
+    *,
+    num_classes: int | None = None,
+    weight_decay: float = 1e-3,
+    max_iter: int = 200,
 ) -> ProbeFit:
     """Multinomial logistic regression (full-batch L-BFGS, float64) on features
     standardised with the training mean and std."""
@@ -253,7 +274,10 @@ def fit_linear_probe(
 
     opt.step(closure)
     with torch.no_grad():
-        acc = lambda x, y: float(((x @ w + b).argmax(-1) == y).double().mean()) if len(y) else float("nan")
+
+        def acc(x, y):
+            return float(((x @ w + b).argmax(-1) == y).double().mean()) if len(y) else float("nan")
+
         return ProbeFit(train_accuracy=acc(train_x, train_y), eval_accuracy=acc(eval_x, eval_y))
 
 
@@ -264,8 +288,9 @@ def _subset(n: int, limit: int | None, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def probe_features(model: nn.Module, tokenizer, dataset, *, modality: str, layer: int, indices: Sequence[int],
-                   batch_size: int = 256) -> tuple[Tensor, Tensor]:
+def probe_features(
+    model: nn.Module, tokenizer, dataset, *, modality: str, layer: int, indices: Sequence[int], batch_size: int = 256
+) -> tuple[Tensor, Tensor]:
     """Mean-pooled block-``layer`` hidden states ``(M, D)`` of clean items and their labels.
 
     Clean: every generated token at ``t = 0``; only the ``modality`` segment is given. The
@@ -312,7 +337,9 @@ class LinearProbe:
         depth = model.depth
         layer = cfg.layer if cfg.layer is not None else max(1, depth // 2)
         if not 1 <= layer <= depth:
-            raise ValueError(f"linear probe layer {layer} is outside the model's blocks 1..{depth} (blocks are 1-indexed)")
+            raise ValueError(
+                f"linear probe layer {layer} is outside the model's blocks 1..{depth} (blocks are 1-indexed)"
+            )
         num_classes = int(train_dataset.num_classes)
         if num_classes < 2:
             raise ValueError(f"the linear probe needs a labelled dataset, got num_classes={num_classes}")
@@ -327,7 +354,9 @@ class LinearProbe:
             ex, ey = probe_features(model, ctx.tokenizer, eval_dataset, indices=eval_idx, **common)
         finally:
             model.train(was_training)
-        fit = fit_linear_probe(tx, ty, ex, ey, num_classes=num_classes, weight_decay=cfg.weight_decay, max_iter=cfg.max_iter)
+        fit = fit_linear_probe(
+            tx, ty, ex, ey, num_classes=num_classes, weight_decay=cfg.weight_decay, max_iter=cfg.max_iter
+        )
         details = {
             "layer": layer,
             "depth": depth,
@@ -346,8 +375,16 @@ class LinearProbe:
         return [MetricResult(name=self.name, value=fit.eval_accuracy, details=details)]
 
 
-def linear_probe(model: nn.Module, tokenizer, train_dataset, eval_dataset, config: LinearProbeConfig | None = None, *,
-                 modality: str | None = None, **overrides: Any) -> MetricResult:
+def linear_probe(
+    model: nn.Module,
+    tokenizer,
+    train_dataset,
+    eval_dataset,
+    config: LinearProbeConfig | None = None,
+    *,
+    modality: str | None = None,
+    **overrides: Any,
+) -> MetricResult:
     """One-call form: ``linear_probe(model, tokenizer, train, eval, layer=2).value``."""
     config = attrs.evolve(config or LinearProbeConfig(), **overrides)
 
@@ -355,8 +392,13 @@ def linear_probe(model: nn.Module, tokenizer, train_dataset, eval_dataset, confi
         raise ValueError("the linear probe needs no reference network")
 
     context = MetricContext(
-        modality=modality or tokenizer.modality, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        tokenizer=tokenizer, device=next(model.parameters()).device, cache_dir=Path("."), reference=no_reference,
+        modality=modality or tokenizer.modality,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        tokenizer=tokenizer,
+        device=next(model.parameters()).device,
+        cache_dir=Path("."),
+        reference=no_reference,
     )
     return LinearProbe(config, context)(model)[0]
 
@@ -368,15 +410,31 @@ from selfflow.plugins.hookspecs import hookimpl  # noqa: E402
 
 @hookimpl
 def selfflow_register_metrics(register) -> None:
-    register.add("fd", FrechetDistance.from_config, None,
-                 "Fréchet distance in the modality's reference-network feature space (torchmetrics)")
-    register.add("kid", KernelDistance.from_config, KIDConfig,
-                 "kernel (MMD) distance in the reference feature space: kid_mean, kid_std (torchmetrics)")
-    register.add("class-accuracy", ClassAccuracy.from_config, None,
-                 "share of class-conditional samples the reference classifier assigns to the requested class")
+    register.add(
+        "fd",
+        FrechetDistance.from_config,
+        None,
+        "Fréchet distance in the modality's reference-network feature space (torchmetrics)",
+    )
+    register.add(
+        "kid",
+        KernelDistance.from_config,
+        KIDConfig,
+        "kernel (MMD) distance in the reference feature space: kid_mean, kid_std (torchmetrics)",
+    )
+    register.add(
+        "class-accuracy",
+        ClassAccuracy.from_config,
+        None,
+        "share of class-conditional samples the reference classifier assigns to the requested class",
+    )
 
 
 @hookimpl
 def selfflow_register_probes(register) -> None:
-    register.add("linear-probe", LinearProbe.from_config, LinearProbeConfig,
-                 "held-out logistic-regression accuracy on mean-pooled block-l features of clean inputs (t=0)")
+    register.add(
+        "linear-probe",
+        LinearProbe.from_config,
+        LinearProbeConfig,
+        "held-out logistic-regression accuracy on mean-pooled block-l features of clean inputs (t=0)",
+    )

@@ -88,7 +88,9 @@ class Tokenizer(Protocol):
     @property
     def channels(self) -> int: ...
 
-    def fit(self, dataset: Dataset, *, cache_dir: str | None = None, generator: torch.Generator | None = None) -> None: ...
+    def fit(
+        self, dataset: Dataset, *, cache_dir: str | None = None, generator: torch.Generator | None = None
+    ) -> None: ...
 
     def encode(self, media: Any) -> Segment: ...
 
@@ -129,7 +131,9 @@ class MediaWriter(Protocol):
 
     modality: str
 
-    def write(self, media: Any, directory: Path, *, stem: str, labels: Sequence[str] | None, title: str) -> list[MediaFile]: ...
+    def write(
+        self, media: Any, directory: Path, *, stem: str, labels: Sequence[str] | None, title: str
+    ) -> list[MediaFile]: ...
 
 
 # ----------------------------------------------------------------------------- reference networks

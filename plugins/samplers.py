@@ -7,6 +7,7 @@ template's generated tokens only give shapes: they are replaced by fresh noise.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Protocol
 
@@ -126,7 +127,7 @@ class EulerSampler:
     def __call__(self, velocity: VelocityFn, template: TokenBatch, *, generator: torch.Generator) -> TokenBatch:
         x = initial_noise(template, generator)
         grid = time_grid(self.steps, self.shift).tolist()
-        for t, t_next in zip(grid[:-1], grid[1:]):
+        for t, t_next in itertools.pairwise(grid):
             x = _step(x, velocity(x, _full(x, t)), t_next - t)
         return x
 
@@ -143,7 +144,7 @@ class HeunSampler:
     def __call__(self, velocity: VelocityFn, template: TokenBatch, *, generator: torch.Generator) -> TokenBatch:
         x = initial_noise(template, generator)
         grid = time_grid(self.steps, self.shift).tolist()
-        for t, t_next in zip(grid[:-1], grid[1:]):
+        for t, t_next in itertools.pairwise(grid):
             v = velocity(x, _full(x, t))
             x_pred = _step(x, v, t_next - t)
             if t_next == 0.0:
@@ -175,7 +176,7 @@ class EulerMaruyamaSampler:
     def __call__(self, velocity: VelocityFn, template: TokenBatch, *, generator: torch.Generator) -> TokenBatch:
         x = initial_noise(template, generator)
         grid = time_grid(self.steps, self.shift).tolist()
-        for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+        for i, (t, t_next) in enumerate(itertools.pairwise(grid)):
             v = velocity(x, _full(x, t))
             h = t - t_next
             if i == len(grid) - 2 or self.diffusion == 0.0:
@@ -207,8 +208,12 @@ def _self(config):
 @hookimpl
 def selfflow_register_samplers(register) -> None:
     register.add("ode/euler", _self, EulerSampler, "Euler ODE from noise to data (options: steps, shift)")
-    register.add("ode/heun", _self, HeunSampler, "Heun (2nd order) ODE, 2 steps - 1 evaluations (options: steps, shift)")
     register.add(
-        "sde/euler-maruyama", _self, EulerMaruyamaSampler,
+        "ode/heun", _self, HeunSampler, "Heun (2nd order) ODE, 2 steps - 1 evaluations (options: steps, shift)"
+    )
+    register.add(
+        "sde/euler-maruyama",
+        _self,
+        EulerMaruyamaSampler,
         "Euler-Maruyama on the marginal-preserving reverse SDE (options: steps, diffusion, shift)",
     )

@@ -69,8 +69,12 @@ def model_config(cfg: RunConfig, channels: dict[str, int], num_classes: int) -> 
         raise ConfigError("config table 'model': give a preset or all of width, depth and heads")
     try:
         return ModelConfig(
-            channels=channels, width=width, depth=depth, heads=heads,
-            num_classes=num_classes if m.class_conditional else 0, **m.core_options(),
+            channels=channels,
+            width=width,
+            depth=depth,
+            heads=heads,
+            num_classes=num_classes if m.class_conditional else 0,
+            **m.core_options(),
         )
     except ValueError as err:
         raise ConfigError(f"config table 'model': {err}") from err
@@ -83,8 +87,10 @@ def mask_ratios(cfg: RunConfig, tokenizers: Mapping[str, Tokenizer]) -> dict[str
     for name, mc in cfg.modalities.items():
         ratio = mc.mask_ratio if mc.mask_ratio is not None else getattr(tokenizers[name], "mask_ratio", None)
         if ratio is None:
-            raise ConfigError(f"config key 'modalities.{name}.mask_ratio': the tokenizer {mc.tokenizer!r} gives no "
-                              "default mask ratio; set one (the paper uses image 0.25, video 0.10, audio 0.50)")
+            raise ConfigError(
+                f"config key 'modalities.{name}.mask_ratio': the tokenizer {mc.tokenizer!r} gives no "
+                "default mask ratio; set one (the paper uses image 0.25, video 0.10, audio 0.50)"
+            )
         try:
             out[name] = check_mask_ratio(name, float(ratio))
         except ValueError as err:
@@ -97,12 +103,16 @@ def mask_ratios(cfg: RunConfig, tokenizers: Mapping[str, Tokenizer]) -> dict[str
 Encoder = tuple[Callable[[TokenBatch], torch.Tensor], int]
 
 
-def _flow_matching(cfg: RunConfig, model: FlowTransformer, ratios: Mapping[str, float], encoder: Encoder | None) -> torch.nn.Module:
+def _flow_matching(
+    cfg: RunConfig, model: FlowTransformer, ratios: Mapping[str, float], encoder: Encoder | None
+) -> torch.nn.Module:
     o = cfg.objective
     return FlowMatching(time=time_sampler(o), label_dropout=o.label_dropout, loss_weights=_weights(cfg))
 
 
-def _self_flow(cfg: RunConfig, model: FlowTransformer, ratios: Mapping[str, float], encoder: Encoder | None) -> torch.nn.Module:
+def _self_flow(
+    cfg: RunConfig, model: FlowTransformer, ratios: Mapping[str, float], encoder: Encoder | None
+) -> torch.nn.Module:
     o = cfg.objective
     scheduler = DualTimestepScheduler(
         time=time_sampler(o),
@@ -118,14 +128,23 @@ def _self_flow(cfg: RunConfig, model: FlowTransformer, ratios: Mapping[str, floa
         raise ConfigError(str(err)) from err
 
 
-def _external_alignment(cfg: RunConfig, model: FlowTransformer, ratios: Mapping[str, float], encoder: Encoder | None) -> torch.nn.Module:
+def _external_alignment(
+    cfg: RunConfig, model: FlowTransformer, ratios: Mapping[str, float], encoder: Encoder | None
+) -> torch.nn.Module:
     o = cfg.objective
     if encoder is None:
         raise ConfigError("objective.name = 'external-alignment' needs each generated modality's reference network")
     fn, dim = encoder
     return ExternalAlignment(
-        width=model.width, depth=model.depth, encoder=fn, encoder_dim=dim, gamma=o.gamma,
-        student_layer=o.student_layer, time=time_sampler(o), label_dropout=o.label_dropout, loss_weights=_weights(cfg),
+        width=model.width,
+        depth=model.depth,
+        encoder=fn,
+        encoder_dim=dim,
+        gamma=o.gamma,
+        student_layer=o.student_layer,
+        time=time_sampler(o),
+        label_dropout=o.label_dropout,
+        loss_weights=_weights(cfg),
     )
 
 
@@ -141,8 +160,9 @@ def _weights(cfg: RunConfig) -> dict[str, float]:
     return {name: mod.loss_weight for name, mod in cfg.modalities.items()}
 
 
-def build_objective(cfg: RunConfig, model: FlowTransformer, ratios: Mapping[str, float],
-                    encoder: Encoder | None = None) -> torch.nn.Module:
+def build_objective(
+    cfg: RunConfig, model: FlowTransformer, ratios: Mapping[str, float], encoder: Encoder | None = None
+) -> torch.nn.Module:
     """The objective ``objective.name`` names; ``encoder = (fn, dim)`` is REPA's frozen encoder."""
     return choose(OBJECTIVES, "objective.name", cfg.objective.name)(cfg, model, ratios, encoder)
 
@@ -153,8 +173,10 @@ def alignment_encoder(references: Mapping[str, FeatureNetwork], tokenizers: Mapp
     token, from the *decoded* clean tokens; segments in batch order."""
     dims = {m: int(ref.token_feature_dim) for m, ref in references.items()}
     if len(set(dims.values())) > 1:
-        raise ConfigError(f"objective.name = 'external-alignment': the reference networks' token features differ in "
-                          f"width ({dims}); one projector aligns them all, so they must agree")
+        raise ConfigError(
+            f"objective.name = 'external-alignment': the reference networks' token features differ in "
+            f"width ({dims}); one projector aligns them all, so they must agree"
+        )
 
     def encode(batch: TokenBatch) -> torch.Tensor:
         parts = []
@@ -170,12 +192,20 @@ def alignment_encoder(references: Mapping[str, FeatureNetwork], tokenizers: Mapp
 # ----------------------------------------------------------------------------- optimiser
 
 
-def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def build_optimizer(
+    cfg: RunConfig, params: list[torch.nn.Parameter]
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     from selfflow.core.loop import warmup_schedule
 
     o = cfg.optimizer
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps,
-                                  **({"fused": True} if o.fused else {"foreach": True}))
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=o.lr,
+        betas=o.betas,
+        weight_decay=o.weight_decay,
+        eps=o.eps,
+        **({"fused": True} if o.fused else {"foreach": True}),
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_schedule(o.warmup_steps, cfg.run.steps, o.schedule, o.final_lr_fraction)
     )

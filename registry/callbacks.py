@@ -37,8 +37,16 @@ class SampleCallback:
         run = self.run_ref[0]
         gallery = Gallery(run.out_dir, title=f"{run.config.run.name}: samples")
         stem = f"step_{step:07d}"
-        files = write_samples(run, run.out_dir / "samples", stem=stem, labels=None, n=None,
-                              seed=run.config.run.seed + 1, gallery=gallery, step=step)
+        files = write_samples(
+            run,
+            run.out_dir / "samples",
+            stem=stem,
+            labels=None,
+            n=None,
+            seed=run.config.run.seed + 1,
+            gallery=gallery,
+            step=step,
+        )
         if final:  # the last samples again at the top of the run directory: samples.png, ...
             self.final_files = []
             for f in files:

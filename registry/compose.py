@@ -47,9 +47,7 @@ def load_registries(*, strict: bool | None = None) -> tuple[Registries, PluginHo
     """Load all plugins and collect what they register (fresh each call)."""
     host = PluginHost(strict=strict).load_default()
     regs = Registries()
-    host.call_register_hooks(
-        {kind: functools.partial(Register, reg) for kind, reg in regs.kinds().items()}
-    )
+    host.call_register_hooks({kind: functools.partial(Register, reg) for kind, reg in regs.kinds().items()})
     return regs, host
 
 
@@ -58,8 +56,13 @@ def default_registries() -> Registries:
     return load_registries()[0]
 
 
-def resolve_config(run: str | None, *, config_file: str | None = None, overrides: list[str] | None = None,
-                   registries: Registries | None = None) -> RunConfig:
+def resolve_config(
+    run: str | None,
+    *,
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    registries: Registries | None = None,
+) -> RunConfig:
     """A run name (``image/mnist-selfflow``) or a TOML file, plus ``--set`` overrides."""
     if config_file is not None:
         return load_config_file(config_file, overrides)
@@ -171,8 +174,14 @@ def build_reference(run: Run, modality: str) -> FeatureNetwork:
             f"(known: {', '.join(known) or 'none'}); a plugin adds one with the selfflow_register_references hook"
         )
     st = run.stream_for(modality)
-    context = ReferenceContext(modality=modality, train_dataset=st.train, eval_dataset=st.eval, cache_dir=run.cache_dir,
-                               device=run.device, progress=run.config.output.progress)
+    context = ReferenceContext(
+        modality=modality,
+        train_dataset=st.train,
+        eval_dataset=st.eval,
+        cache_dir=run.cache_dir,
+        device=run.device,
+        progress=run.config.output.progress,
+    )
     return run.registries.references.build(name, mc.reference_options, context=context)
 
 
@@ -235,19 +244,27 @@ def build_run(
         have = tuple(getattr(train, "modalities", ()))
         missing = [m for m in sc.modalities if m not in have]
         if missing:
-            raise ConfigError(f"config key 'streams[{i}]': dataset {sc.dataset!r} has modalities {list(have)}, "
-                              f"not {missing}")
+            raise ConfigError(
+                f"config key 'streams[{i}]': dataset {sc.dataset!r} has modalities {list(have)}, not {missing}"
+            )
         for m in sc.modalities:
             if m not in fitted:
                 tokenizers[m].fit(train, cache_dir=str(cache), generator=torch.Generator().manual_seed(cfg.run.seed))
                 fitted.add(m)
-        encoded = encode_dataset(train, {m: tokenizers[m] for m in sc.modalities}, labels=train.num_classes > 0,
-                                 progress=progress, cache_dir=cache)
+        encoded = encode_dataset(
+            train,
+            {m: tokenizers[m] for m in sc.modalities},
+            labels=train.num_classes > 0,
+            progress=progress,
+            cache_dir=cache,
+        )
         try:
             rule = ConditionRule(always=sc.condition, probability=sc.condition_probability)
         except ValueError as err:
             raise ConfigError(f"config table 'streams[{i}]': {err}") from err
-        streams[sc.label] = Stream(name=sc.label, index=i, config=sc, train=train, eval=evals, encoded=encoded, rule=rule)
+        streams[sc.label] = Stream(
+            name=sc.label, index=i, config=sc, train=train, eval=evals, encoded=encoded, rule=rule
+        )
     class_names = _label_space(streams, cfg.model.class_conditional)
     num_classes = max((int(st.train.num_classes) for st in streams.values()), default=0)
 
@@ -263,12 +280,26 @@ def build_run(
     callbacks.append(PlotCallback())
     if cfg.eval.at_end:
         if not cfg.eval.metrics:
-            raise ConfigError("config key 'eval.at_end': true but [[eval.metrics]] is empty; add metrics or set it false")
+            raise ConfigError(
+                "config key 'eval.at_end': true but [[eval.metrics]] is empty; add metrics or set it false"
+            )
         callbacks.append(EvalCallback(run_ref))
 
-    run = Run(config=cfg, state=None, loop=None, tokenizers=tokenizers, streams=streams, writers=writers,  # type: ignore[arg-type]
-              class_names=class_names, sampler=sampler, device=dev, out_dir=run_dir, generator=generator,
-              registries=regs, cache_dir=cache)
+    run = Run(
+        config=cfg,
+        state=None,
+        loop=None,
+        tokenizers=tokenizers,
+        streams=streams,
+        writers=writers,  # type: ignore[arg-type]
+        class_names=class_names,
+        sampler=sampler,
+        device=dev,
+        out_dir=run_dir,
+        generator=generator,
+        registries=regs,
+        cache_dir=cache,
+    )
     encoder = None
     if cfg.objective.name in builders.NEEDS_ENCODER:
         refs = {m: run.reference(m) for m in cfg.generated()}
@@ -276,19 +307,36 @@ def build_run(
     objective = builders.build_objective(cfg, model, builders.mask_ratios(cfg, tokenizers), encoder).to(dev)
     wrapped = distributed.wrap_model(model, dev)
     optimizer, schedule = builders.build_optimizer(cfg, list(model.parameters()) + list(objective.parameters()))
-    run.state = TrainState(model=wrapped, teacher=teacher, objective=objective, optimizer=optimizer,
-                           lr_schedule=schedule, grad_clip=cfg.optimizer.grad_clip)
+    run.state = TrainState(
+        model=wrapped,
+        teacher=teacher,
+        objective=objective,
+        optimizer=optimizer,
+        lr_schedule=schedule,
+        grad_clip=cfg.optimizer.grad_clip,
+    )
 
     sources = {
-        n: TokenSource(st.encoded, batch_size=cfg.batch_size(st.config) // cfg.run.grad_accum, seed=cfg.run.seed,
-                       device=dev, rule=st.rule, rule_stream=st.index)
+        n: TokenSource(
+            st.encoded,
+            batch_size=cfg.batch_size(st.config) // cfg.run.grad_accum,
+            seed=cfg.run.seed,
+            device=dev,
+            rule=st.rule,
+            rule_stream=st.index,
+        )
         for n, st in streams.items()
     }
-    source = next(iter(sources.values())) if len(sources) == 1 else MixedSource(
-        sources, {n: st.config.probability for n, st in streams.items()}, seed=cfg.run.seed
+    source = (
+        next(iter(sources.values()))
+        if len(sources) == 1
+        else MixedSource(sources, {n: st.config.probability for n, st in streams.items()}, seed=cfg.run.seed)
     )
     run.loop = Loop(
-        state=run.state, source=source, generator=generator, out_dir=run_dir,
+        state=run.state,
+        source=source,
+        generator=generator,
+        out_dir=run_dir,
         config=LoopConfig(steps=cfg.run.steps, grad_accum=cfg.run.grad_accum, output=out),
         callbacks=callbacks,
         checkpoint_extra={"config_toml": to_toml(cfg), "model": attrs.asdict(model.cfg)},
@@ -341,8 +389,10 @@ def write_summary(run: Run, extra: dict[str, Any] | None = None) -> Path:
     sample files are whatever each modality's writer wrote)."""
     cfg = run.config
     last = run.loop.history[-1] if run.loop.history else {}
-    streams = ", ".join(f"{n} (generate {list(st.generate)}" + (f", condition {list(st.condition)}" if st.condition else "")
-                        + ")" for n, st in run.streams.items())
+    streams = ", ".join(
+        f"{n} (generate {list(st.generate)}" + (f", condition {list(st.condition)}" if st.condition else "") + ")"
+        for n, st in run.streams.items()
+    )
     lines = [
         f"# {cfg.run.name}",
         "",
@@ -368,5 +418,7 @@ def write_summary(run: Run, extra: dict[str, Any] | None = None) -> Path:
     lines += ["", "Files: " + ", ".join(f"`{f}`" for f in files) + ".", ""]
     path = run.out_dir / "summary.md"
     path.write_text("\n".join(lines))
-    (run.out_dir / "summary.json").write_text(json.dumps({"steps": run.state.step, **(extra or {}), **last}, indent=1, default=str))
+    (run.out_dir / "summary.json").write_text(
+        json.dumps({"steps": run.state.step, **(extra or {}), **last}, indent=1, default=str)
+    )
     return path

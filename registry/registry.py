@@ -52,7 +52,9 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
 
-    def add(self, name: str, factory: Callable[..., T], config_cls: type | None = None, doc: str = "", *, plugin: str) -> None:
+    def add(
+        self, name: str, factory: Callable[..., T], config_cls: type | None = None, doc: str = "", *, plugin: str
+    ) -> None:
         if not name or name != name.strip() or " " in name:
             raise ValueError(f"{self.kind} name {name!r} is not valid: use 'modality/name' without spaces")
         if config_cls is not None and not attrs.has(config_cls):
@@ -158,6 +160,8 @@ class Registries:
         hint = f"; did you mean {', '.join(repr(c) for c in near)}?" if near else ""
         extra = ""
         if name in self.references or name.rsplit("/", 1)[0] in self.references:
-            extra = (" (a reference network is not a metric: it is what fd, kid and class-accuracy measure with; "
-                     "pick it with [modalities.NAME] reference = ...)")
+            extra = (
+                " (a reference network is not a metric: it is what fd, kid and class-accuracy measure with; "
+                "pick it with [modalities.NAME] reference = ...)"
+            )
         raise RegistryError(f"unknown metric {name!r}{hint}{extra} (known: {', '.join(sorted(candidates)) or 'none'})")

@@ -40,8 +40,9 @@ def _items(stream: Stream, labels: torch.Tensor | None, count: int) -> torch.Ten
     return torch.tensor(out, dtype=torch.long)
 
 
-def template(run: Run, stream: Stream, labels: torch.Tensor | None, count: int,
-             condition: Mapping[str, Any] | None = None) -> TokenBatch:
+def template(
+    run: Run, stream: Stream, labels: torch.Tensor | None, count: int, condition: Mapping[str, Any] | None = None
+) -> TokenBatch:
     """The batch a sampler starts from: real items of ``stream`` (of the requested classes)
     give every generated segment its shape and every condition segment its clean tokens;
     ``condition`` replaces or adds segments encoded from the given media (role condition)."""
@@ -69,9 +70,17 @@ def template(run: Run, stream: Stream, labels: torch.Tensor | None, count: int,
 
 
 @torch.no_grad()
-def sample(run: Run, labels: torch.Tensor | None = None, *, n: int | None = None, stream: str | None = None,
-           condition: Mapping[str, Any] | None = None, seed: int = 0, cfg_scale: float | None = None,
-           sampler: Any = None) -> dict[str, Any]:
+def sample(
+    run: Run,
+    labels: torch.Tensor | None = None,
+    *,
+    n: int | None = None,
+    stream: str | None = None,
+    condition: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    cfg_scale: float | None = None,
+    sampler: Any = None,
+) -> dict[str, Any]:
     """Decoded media from the EMA model, ``{modality: media}`` for every generated segment:
     for ``labels`` (class ids), or ``n`` samples. ``stream``: whose shapes and conditions
     (default: the first stream)."""
@@ -89,7 +98,9 @@ def sample(run: Run, labels: torch.Tensor | None = None, *, n: int | None = None
     return {seg.modality: run.tokenizers[seg.modality].decode(seg) for seg in out.segments if seg.generated}
 
 
-def protocol(run: Run, *, cfg_scale: float | None = None, seed: int | None = None, sampler_name: str | None = None) -> dict[str, Any]:
+def protocol(
+    run: Run, *, cfg_scale: float | None = None, seed: int | None = None, sampler_name: str | None = None
+) -> dict[str, Any]:
     """How samples were drawn, written next to them."""
     s = run.config.sampler
     out: dict[str, Any] = {
@@ -121,7 +132,9 @@ def class_rows(run: Run, stream: Stream, per_class: int, ids: Sequence[int] | No
     return torch.tensor(chosen).repeat_interleave(per_class)
 
 
-def describe_conditions(run: Run, stream: Stream, labels: torch.Tensor | None, count: int) -> dict[str, tuple[str, ...]]:
+def describe_conditions(
+    run: Run, stream: Stream, labels: torch.Tensor | None, count: int
+) -> dict[str, tuple[str, ...]]:
     """Per condition modality of ``stream``, a per-sample description: decoded text, or
     ``"<modality> of item i"`` for media."""
     if not stream.condition:
@@ -138,9 +151,21 @@ def describe_conditions(run: Run, stream: Stream, labels: torch.Tensor | None, c
     return out
 
 
-def write_samples(run: Run, directory: Path, *, stem: str, labels: torch.Tensor | None, n: int | None, seed: int,
-                  gallery: Gallery | None, step: int | None, cfg_scale: float | None = None, sampler: Any = None,
-                  sampler_name: str | None = None, streams: Sequence[str] | None = None) -> list[MediaFile]:
+def write_samples(
+    run: Run,
+    directory: Path,
+    *,
+    stem: str,
+    labels: torch.Tensor | None,
+    n: int | None,
+    seed: int,
+    gallery: Gallery | None,
+    step: int | None,
+    cfg_scale: float | None = None,
+    sampler: Any = None,
+    sampler_name: str | None = None,
+    streams: Sequence[str] | None = None,
+) -> list[MediaFile]:
     """Sample every stream (or ``streams``) and write each generated modality through its
     writer into ``directory``; files are ``stem`` plus the stream's and modality's names
     when a run has several. Each stream's labels are ``labels``, else ``class_rows``."""
@@ -151,19 +176,34 @@ def write_samples(run: Run, directory: Path, *, stem: str, labels: torch.Tensor 
         ys = labels if labels is not None else class_rows(run, st, run.config.output.samples_per_class)
         count = len(ys) if ys is not None else int(n or run.config.output.num_samples)
         media = sample(run, ys, n=count, stream=name, seed=seed, cfg_scale=cfg_scale, sampler=sampler)
-        row_labels = None if ys is None else tuple(str(run.class_names[int(y)]) if run.class_names else str(int(y))
-                                                    for y in ys)
+        row_labels = (
+            None if ys is None else tuple(str(run.class_names[int(y)]) if run.class_names else str(int(y)) for y in ys)
+        )
         conditions = describe_conditions(run, st, ys, count)
         proto = protocol(run, cfg_scale=cfg_scale, seed=seed, sampler_name=sampler_name)
         for modality, batch in media.items():
-            part = stem + (f"-{name.replace('/', '-')}" if len(run.streams) > 1 else "") + (
-                f"-{modality}" if len(media) > 1 else "")
-            title = (f"{run.config.run.name} step {run.state.step} {modality} (EMA, {proto['sampler']}, "
-                     f"cfg {proto['cfg_scale']})")
+            part = (
+                stem
+                + (f"-{name.replace('/', '-')}" if len(run.streams) > 1 else "")
+                + (f"-{modality}" if len(media) > 1 else "")
+            )
+            title = (
+                f"{run.config.run.name} step {run.state.step} {modality} (EMA, {proto['sampler']}, "
+                f"cfg {proto['cfg_scale']})"
+            )
             written = run.writers[modality].write(batch, directory, stem=part, labels=row_labels, title=title)
             files.extend(written)
             if gallery is not None:
-                gallery.add(GalleryEntry(step=step, stream=name, modality=modality, files=tuple(written),
-                                         labels=row_labels or tuple("" for _ in range(count)),
-                                         conditions=conditions, protocol=proto, title=title))
+                gallery.add(
+                    GalleryEntry(
+                        step=step,
+                        stream=name,
+                        modality=modality,
+                        files=tuple(written),
+                        labels=row_labels or tuple("" for _ in range(count)),
+                        conditions=conditions,
+                        protocol=proto,
+                        title=title,
+                    )
+                )
     return files

@@ -34,7 +34,7 @@ def _build_batch(
         valid = None
         if padded and modality in padded:
             valid = torch.ones(batch, n, dtype=torch.bool)
-            valid[-1, n - padded[modality]:] = False
+            valid[-1, n - padded[modality] :] = False
         segments.append(
             Segment(
                 modality=modality,

@@ -23,9 +23,7 @@ def _need(package: str, extra: str = "data"):
     try:
         return __import__(package)
     except ImportError as err:
-        raise ImportError(
-            f"this dataset needs the '{package}' package: pip install 'selfflow[{extra}]'"
-        ) from err
+        raise ImportError(f"this dataset needs the '{package}' package: pip install 'selfflow[{extra}]'") from err
 
 
 @functools.cache
@@ -62,11 +60,13 @@ class ArrayImageDataset:
     class_names = DIGIT_NAMES
     num_classes = 10
 
-    def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, config: DigitsConfig, *, split: str, seed: int) -> None:
+    def __init__(
+        self, name: str, images: np.ndarray, labels: np.ndarray, config: DigitsConfig, *, split: str, seed: int
+    ) -> None:
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         order = np.random.default_rng(seed).permutation(len(images))
-        n_eval = int(round(config.eval_fraction * len(images)))
+        n_eval = round(config.eval_fraction * len(images))
         idx = order[:n_eval] if split == "eval" else order[n_eval:]
         x = torch.from_numpy(images[idx])[:, None]
         if x.shape[-1] != config.size:

@@ -56,7 +56,9 @@ class FolderConfig:
     channels: int = attrs.field(default=3, validator=attrs.validators.in_((1, 3)))
     eval_fraction: float = attrs.field(default=0.1, validator=[attrs.validators.gt(0), attrs.validators.lt(1)])
     on_error: str = attrs.field(default="skip", validator=attrs.validators.in_(("skip", "raise")))
-    extensions: tuple[str, ...] = attrs.field(default=(".png", ".jpg", ".jpeg"), converter=_extensions, validator=attrs.validators.min_len(1))
+    extensions: tuple[str, ...] = attrs.field(
+        default=(".png", ".jpg", ".jpeg"), converter=_extensions, validator=attrs.validators.min_len(1)
+    )
 
 
 def _visible(path: Path, root: Path) -> bool:
@@ -70,9 +72,13 @@ def scan(root: Path, extensions: tuple[str, ...]) -> tuple[list[Path], list[int]
     extension (reported by the caller, never used).
     """
     if not root.exists():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist; set image/folder path to a folder of PNG/JPEG files")
+        raise FileNotFoundError(
+            f"image folder {str(root)!r} does not exist; set image/folder path to a folder of PNG/JPEG files"
+        )
     if not root.is_dir():
-        raise NotADirectoryError(f"image folder {str(root)!r} is a file, not a folder; set path to the folder that holds the images")
+        raise NotADirectoryError(
+            f"image folder {str(root)!r} is a file, not a folder; set path to the folder that holds the images"
+        )
     every = sorted(p for p in root.rglob("*") if p.is_file() and _visible(p, root))
     images = [p for p in every if p.suffix.lower() in extensions]
     ignored = [p for p in every if p.suffix.lower() not in extensions]
@@ -146,10 +152,12 @@ class FolderDataset:
                 stacklevel=2,
             )
         if len(files) < 2:
-            raise ValueError(f"image folder {str(self.root)!r} has {len(files)} image; a train/eval split needs at least 2")
+            raise ValueError(
+                f"image folder {str(self.root)!r} has {len(files)} image; a train/eval split needs at least 2"
+            )
 
         order = np.random.default_rng(seed).permutation(len(files))
-        n_eval = min(max(1, int(round(config.eval_fraction * len(files)))), len(files) - 1)
+        n_eval = min(max(1, round(config.eval_fraction * len(files))), len(files) - 1)
         chosen = sorted(order[:n_eval] if split == "eval" else order[n_eval:])
 
         pixels, kept, skipped = [], [], []
@@ -175,7 +183,9 @@ class FolderDataset:
                 stacklevel=2,
             )
         if not kept:
-            raise ValueError(f"no image of the {split} split of {str(self.root)!r} could be read (see the warning above)")
+            raise ValueError(
+                f"no image of the {split} split of {str(self.root)!r} could be read (see the warning above)"
+            )
         self.files = tuple(files[i] for i in kept)
         self.images = torch.from_numpy(np.stack(pixels))
         self.labels = torch.tensor([labels[i] for i in kept], dtype=torch.long)
@@ -202,5 +212,5 @@ class FolderDataset:
 
 def folder(config: FolderConfig, *, split: str = "train", seed: int = 0) -> FolderDataset:
     if config is None:
-        raise ValueError("image/folder needs options: at least path = \"/path/to/images\"")
+        raise ValueError('image/folder needs options: at least path = "/path/to/images"')
     return FolderDataset(config, split=split, seed=seed)

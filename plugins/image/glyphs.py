@@ -40,7 +40,9 @@ def _check_vocabulary(instance, attribute, value: tuple[str, ...]) -> None:
         raise ValueError("vocabulary is empty: give at least one word, e.g. ['cat', 'dog']")
     for word in value:
         if not isinstance(word, str) or not word.strip() or word != word.strip() or "\n" in word:
-            raise ValueError(f"vocabulary entry {word!r} must be a non-empty single-line string without surrounding spaces")
+            raise ValueError(
+                f"vocabulary entry {word!r} must be a non-empty single-line string without surrounding spaces"
+            )
     if len(set(value)) != len(value):
         dupes = sorted({w for w in value if value.count(w) > 1})
         raise ValueError(f"vocabulary has duplicate words {dupes}: each word is one class")
@@ -89,7 +91,9 @@ def resolve_font(name: str) -> Path:
     path = Path(name) if ("/" in name or "\\" in name) else font_dir() / name
     if not path.is_file():
         available = sorted(p.name for p in font_dir().glob("DejaVu*.ttf"))
-        raise FileNotFoundError(f"font {name!r} not found (looked at {path}); use one of {available} or a path to a .ttf file")
+        raise FileNotFoundError(
+            f"font {name!r} not found (looked at {path}); use one of {available} or a path to a .ttf file"
+        )
     return path
 
 
@@ -133,16 +137,18 @@ def render(word: str, rng: np.random.Generator, config: GlyphsConfig, fonts: tup
     """One image ``(size, size, channels)`` uint8 of ``word``; all randomness from ``rng``."""
     size = config.size
     font = fonts[int(rng.integers(len(fonts)))]
-    room = max(1, int(round(size * (1 - 2 * config.margin))))
-    px = max(6, int(round(_fit_px(word, font, room) * rng.uniform(*config.scale))))
+    room = max(1, round(size * (1 - 2 * config.margin)))
+    px = max(6, round(_fit_px(word, font, room) * rng.uniform(*config.scale)))
     left, top, w, h = _text_box(word, font, px)
     m = (size - room) / 2
     # centre of the free space, moved by up to ``jitter`` of it in each direction
     x = m + (room - w) / 2 * (1 + config.jitter * rng.uniform(-1, 1))
     y = m + (room - h) / 2 * (1 + config.jitter * rng.uniform(-1, 1))
-    fg, bg = (tuple(int(round(v * 255)) for v in c) for c in _colours(rng, config.channels, config.min_contrast))
+    fg, bg = (tuple(round(v * 255) for v in c) for c in _colours(rng, config.channels, config.min_contrast))
     image = Image.new("RGB" if config.channels == 3 else "L", (size, size), bg if config.channels == 3 else bg[0])
-    ImageDraw.Draw(image).text((round(x) - left, round(y) - top), word, font=_font(font, px), fill=fg if config.channels == 3 else fg[0])
+    ImageDraw.Draw(image).text(
+        (round(x) - left, round(y) - top), word, font=_font(font, px), fill=fg if config.channels == 3 else fg[0]
+    )
     return np.array(image).reshape(size, size, config.channels)
 
 
@@ -184,7 +190,9 @@ class GlyphsDataset:
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
-        h.update(f"image/glyphs|v{RENDER_VERSION}|{self.split}|{self.seed}|{self.config}|Pillow {PIL.__version__}".encode())
+        h.update(
+            f"image/glyphs|v{RENDER_VERSION}|{self.split}|{self.seed}|{self.config}|Pillow {PIL.__version__}".encode()
+        )
         for path in self.fonts:
             h.update(_file_digest(path).encode())
         return h.hexdigest()[:16]

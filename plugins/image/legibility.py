@@ -12,6 +12,7 @@ then reads all images of one page segmentation mode in a single call (8: a singl
 for single-character targets). The ``tesseract`` binary comes from the Debian package
 ``tesseract-ocr`` and is called through ``subprocess``: no Python wrapper needed.
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,7 +48,9 @@ class LegibilityConfig:
     ``whitelist``: characters tesseract may output ("" = any); ``binary``: the tesseract
     executable (a name on ``PATH`` or a path); ``language``: tesseract language data."""
 
-    psm: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.in_(tuple(range(14)))))
+    psm: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.in_(tuple(range(14))))
+    )
     height: int = attrs.field(default=32, validator=attrs.validators.ge(8))
     case_sensitive: bool = False
     whitelist: str = ""
@@ -60,7 +63,9 @@ def find_tesseract(binary: str = "tesseract") -> str:
     """The absolute path of ``binary``, or ``TesseractNotFound`` saying how to install it."""
     path = shutil.which(binary)
     if path is None:
-        raise TesseractNotFound(f"the text legibility metric needs tesseract, but {binary!r} was not found on PATH: {INSTALL_HINT}")
+        raise TesseractNotFound(
+            f"the text legibility metric needs tesseract, but {binary!r} was not found on PATH: {INSTALL_HINT}"
+        )
     return path
 
 
@@ -131,6 +136,7 @@ class TextLegibility:
     """
 
     name = "legibility"
+
     def __init__(self, config: LegibilityConfig | None = None, *, vocabulary: Sequence[str] | None = None) -> None:
         self.config = config or LegibilityConfig()
         self.binary = find_tesseract(self.config.binary)
@@ -165,7 +171,9 @@ class TextLegibility:
             if labels is None:
                 raise ValueError("legibility needs the target words: pass texts=[...] or labels with a vocabulary")
             if self.vocabulary is None:
-                raise ValueError("labels given but the metric has no vocabulary: build it with vocabulary=... or pass texts")
+                raise ValueError(
+                    "labels given but the metric has no vocabulary: build it with vocabulary=... or pass texts"
+                )
             texts = [self.vocabulary[int(i)] for i in labels]
         if isinstance(texts, str) or len(texts) != len(fake):
             raise ValueError(f"expected a list of {len(fake)} target words, got {texts!r}")

@@ -55,7 +55,11 @@ class PatchTokenizer:
         p, c = self.config.patch, self.config.image_channels
         check_image_batch(media, c, p)
         b, _, h, w = media.shape
-        x = media.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+        x = (
+            media.reshape(b, c, h // p, p, w // p, p)
+            .permute(0, 2, 4, 1, 3, 5)
+            .reshape(b, (h // p) * (w // p), c * p * p)
+        )
         pos = grid_positions(1, h // p, w // p, batch=b, device=media.device)
         return Segment(modality=self.modality, tokens=x.contiguous(), positions=pos)
 

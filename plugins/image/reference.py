@@ -28,11 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfflow.core.files import META, CacheEntry, content_key, write_entry
 from selfflow.core.types import Segment
 from selfflow.plugins.image.latents import grid_of
 from selfflow.plugins.protocols import ReferenceContext
-
-from selfflow.core.files import META, CacheEntry, content_key, write_entry
 
 NAME = "image/classifier"
 _FORMAT = 1  # bump when the architecture or training changes: old caches are then ignored
@@ -78,7 +77,9 @@ class ImageClassifierNet(nn.Module):
     """conv stages (2x2 max-pool between and after) -> adaptive 4x4 pool -> Linear(F) + ReLU
     (features) -> Linear(classes)."""
 
-    def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, ...], features: int, dropout: float) -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, widths: tuple[int, ...], features: int, dropout: float
+    ) -> None:
         super().__init__()
         stages, c = [], in_channels
         for w in widths:
@@ -247,8 +248,14 @@ class ImageReference:
         training data, scored on its eval data (cached)."""
         if context.modality != "image" and "image" not in getattr(context.train_dataset, "modalities", ()):
             raise ValueError(f"the image reference network reads images; modality {context.modality!r} has none")
-        return cls.fit(context.train_dataset, config, eval_dataset=context.eval_dataset, cache_dir=context.cache_dir,
-                       device=context.device, progress=context.progress)
+        return cls.fit(
+            context.train_dataset,
+            config,
+            eval_dataset=context.eval_dataset,
+            cache_dir=context.cache_dir,
+            device=context.device,
+            progress=context.progress,
+        )
 
     @classmethod
     def fit(
@@ -284,7 +291,9 @@ class ImageReference:
             w.set_meta(self.meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: torch.device | str | None = None, from_cache: bool = False) -> ImageReference:
+    def load(
+        cls, path: str | os.PathLike, *, device: torch.device | str | None = None, from_cache: bool = False
+    ) -> ImageReference:
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -292,9 +301,14 @@ class ImageReference:
             raise FileNotFoundError(f"{path} is not a reference network directory: it needs {_META} and {_WEIGHTS}")
         meta = json.loads((path / _META).read_text())
         if meta.get("format") != _FORMAT:
-            raise ValueError(f"{path} holds a reference network of format {meta.get('format')}, this version reads {_FORMAT}; delete it to retrain")
+            raise ValueError(
+                f"{path} holds a reference network of format {meta.get('format')}, "
+                f"this version reads {_FORMAT}; delete it to retrain"
+            )
         arch = meta["arch"]
-        net = ImageClassifierNet(arch["image_shape"][0], arch["num_classes"], tuple(arch["widths"]), arch["features"], arch["dropout"])
+        net = ImageClassifierNet(
+            arch["image_shape"][0], arch["num_classes"], tuple(arch["widths"]), arch["features"], arch["dropout"]
+        )
         net.load_state_dict(load_file(str(path / _WEIGHTS)))
         return cls(net.to(device or "cpu"), meta, from_cache=from_cache)
 
@@ -322,7 +336,9 @@ def _stack(dataset, indices: Tensor | None = None) -> tuple[Tensor, Tensor]:
     for i in idx:
         ex = dataset[i]
         if ex.label is None:
-            raise ValueError(f"the image reference network needs labelled data; item {i} of {type(dataset).__name__} has no label")
+            raise ValueError(
+                f"the image reference network needs labelled data; item {i} of {type(dataset).__name__} has no label"
+            )
         images.append(torch.as_tensor(ex.media["image"], dtype=torch.float32))
         labels.append(ex.label)
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
@@ -346,12 +362,16 @@ def _accuracy(net: nn.Module, x: Tensor, y: Tensor, device: torch.device) -> flo
     return correct / max(len(y), 1)
 
 
-def _train(dataset, config: ImageReferenceConfig, *, eval_dataset, key: str, device: torch.device, progress: bool) -> ImageReference:
+def _train(
+    dataset, config: ImageReferenceConfig, *, eval_dataset, key: str, device: torch.device, progress: bool
+) -> ImageReference:
     from tqdm.auto import tqdm
 
     num_classes = int(dataset.num_classes)
     if num_classes < 2:
-        raise ValueError(f"the image reference network is a classifier: it needs a labelled dataset, got num_classes={num_classes}")
+        raise ValueError(
+            f"the image reference network is a classifier: it needs a labelled dataset, got num_classes={num_classes}"
+        )
     if eval_dataset is None:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed))
         n_eval = max(1, round(config.eval_fraction * len(dataset)))
@@ -375,9 +395,13 @@ def _train(dataset, config: ImageReferenceConfig, *, eval_dataset, key: str, dev
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # init and dropout are seeded, the caller's RNG untouched
         torch.manual_seed(config.seed)
-        net = ImageClassifierNet(x_train.shape[1], num_classes, config.widths, config.features, config.dropout).to(device)
+        net = ImageClassifierNet(x_train.shape[1], num_classes, config.widths, config.features, config.dropout).to(
+            device
+        )
         opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.25)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.25
+        )
         bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"fit {NAME}", unit="step", disable=not progress)
         for epoch in range(config.epochs):
             net.train()

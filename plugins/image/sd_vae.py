@@ -15,7 +15,6 @@ statistics (SDXL-style). ``decode`` inverts that and clamps to [-1, 1].
 from __future__ import annotations
 
 import hashlib
-
 from pathlib import Path
 
 import attrs
@@ -43,9 +42,7 @@ def _diffusers():
     try:
         import diffusers
     except ImportError as err:
-        raise ImportError(
-            "image/sd-vae needs the 'diffusers' package: pip install 'selfflow[sd-vae]'"
-        ) from err
+        raise ImportError("image/sd-vae needs the 'diffusers' package: pip install 'selfflow[sd-vae]'") from err
     return diffusers
 
 
@@ -77,7 +74,9 @@ def latent_normalisation(config) -> tuple[Tensor, Tensor]:
     factor = float(config.scaling_factor)
     mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
     if mean is not None and std is not None:
-        return torch.tensor(mean, dtype=torch.float32).reshape(ch), torch.tensor(std, dtype=torch.float32).reshape(ch) / factor
+        return torch.tensor(mean, dtype=torch.float32).reshape(ch), torch.tensor(std, dtype=torch.float32).reshape(
+            ch
+        ) / factor
     shift = getattr(config, "shift_factor", None) or 0.0
     return torch.full((ch,), float(shift)), torch.full((ch,), 1.0 / factor)
 

@@ -23,8 +23,8 @@ rebuilt); an unreadable ``checkpoint`` is an error naming the file (it cannot).
 from __future__ import annotations
 
 import enum
-import json
 import hashlib
+import json
 import math
 import os
 import warnings
@@ -145,7 +145,12 @@ class KLAutoencoder(nn.Module):
         for i in range(levels):
             enc += [_ResBlock(chs[i], chs[i]) for _ in range(c.blocks)]
             enc.append(nn.Conv2d(chs[i], chs[i + 1], 3, stride=2, padding=1))
-        enc += [_ResBlock(chs[-1], chs[-1]), _norm(chs[-1]), nn.SiLU(), nn.Conv2d(chs[-1], 2 * c.latent_channels, 3, padding=1)]
+        enc += [
+            _ResBlock(chs[-1], chs[-1]),
+            _norm(chs[-1]),
+            nn.SiLU(),
+            nn.Conv2d(chs[-1], 2 * c.latent_channels, 3, padding=1),
+        ]
         dec: list[nn.Module] = [nn.Conv2d(c.latent_channels, chs[-1], 3, padding=1), _ResBlock(chs[-1], chs[-1])]
         for i in reversed(range(levels)):
             dec.append(_Upsample(chs[i + 1], chs[i]))
@@ -227,7 +232,11 @@ class ImageVAETokenizer:
         _check_dataset(dataset, c)
         seed = c.seed
         if seed is None:  # drawn before the cache lookup, so the run's stream never depends on the cache
-            seed = 0 if generator is None else int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+            seed = (
+                0
+                if generator is None
+                else int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+            )
             self.config = c = attrs.evolve(c, seed=seed)
         if c.checkpoint is not None:
             path = Path(c.checkpoint)
@@ -245,7 +254,10 @@ class ImageVAETokenizer:
                 self._load(tensors, meta, path, FitSource.CACHE)
                 return
             except (ValueError, OSError) as err:
-                warnings.warn(f"image/vae: ignoring the unreadable cache file {path} ({err}); retraining and overwriting it", stacklevel=2)
+                warnings.warn(
+                    f"image/vae: ignoring the unreadable cache file {path} ({err}); retraining and overwriting it",
+                    stacklevel=2,
+                )
         self._train(dataset, seed)
         if entry is not None:
             _write(entry, self._tensors(), self._meta(dataset))
@@ -317,7 +329,9 @@ class ImageVAETokenizer:
 
     def _ready(self, device: torch.device) -> None:
         if not self.fitted:
-            raise RuntimeError("image/vae is not fitted: call fit(dataset, cache_dir=...) first, or set checkpoint in its config")
+            raise RuntimeError(
+                "image/vae is not fitted: call fit(dataset, cache_dir=...) first, or set checkpoint in its config"
+            )
         if self.shift.device != device:
             self.net.to(device)
             self.shift, self.scale = self.shift.to(device), self.scale.to(device)
@@ -401,7 +415,9 @@ def _write(entry: CacheEntry, tensors: dict[str, Tensor], meta: dict) -> None:
 def _read(path: Path) -> tuple[dict[str, Tensor], dict]:
     """Tensors and metadata of a file ``_write`` wrote; ``ValueError`` naming it otherwise."""
     if not path.is_file():
-        raise FileNotFoundError(f"image/vae checkpoint {path} does not exist; point checkpoint at a .safetensors written by image/vae")
+        raise FileNotFoundError(
+            f"image/vae checkpoint {path} does not exist; point checkpoint at a .safetensors written by image/vae"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             header = (f.metadata() or {}).get("selfflow")

@@ -7,8 +7,12 @@ from selfflow.plugins.hookspecs import hookimpl
 def selfflow_register_tokenizers(register) -> None:
     from selfflow.plugins.text.chars import CharsConfig, CharTokenizer
 
-    register.add("text/chars", CharTokenizer.from_config, CharsConfig,
-                 "strings as a condition segment of one-hot character tokens (padded, valid mask)")
+    register.add(
+        "text/chars",
+        CharTokenizer.from_config,
+        CharsConfig,
+        "strings as a condition segment of one-hot character tokens (padded, valid mask)",
+    )
 
 
 @hookimpl

@@ -104,13 +104,15 @@ class CharTokenizer:
             missing = sorted({c for c in text if c not in self.index})
             raise ValueError(
                 f"text {text!r} has characters {missing} outside the alphabet; add them to "
-                "text/chars alphabet or set on_unknown = \"map\""
+                'text/chars alphabet or set on_unknown = "map"'
             )
         return ids
 
     def encode(self, media: Sequence[str]) -> Segment:
         if isinstance(media, str) or not all(isinstance(t, str) for t in media):
-            raise TypeError(f"text/chars encodes a list of strings, got {type(media).__name__}; wrap one string as [text]")
+            raise TypeError(
+                f"text/chars encodes a list of strings, got {type(media).__name__}; wrap one string as [text]"
+            )
         b, n = len(media), self.config.max_len
         ids = torch.zeros(b, n, dtype=torch.long)
         valid = torch.zeros(b, n, dtype=torch.bool)

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+
 from selfflow.core import attention
 from selfflow.core.attention import attend, padding_mask, separation_mask
 from selfflow.core.kernels import apply_rope
@@ -121,7 +122,9 @@ def test_rope_scores_depend_only_on_relative_positions():
 
 def _model(seed=0, **kw) -> FlowTransformer:
     torch.manual_seed(seed)
-    model = FlowTransformer(ModelConfig(channels={"image": 4, "audio": 3}, width=48, depth=2, heads=2, num_classes=3, **kw))
+    model = FlowTransformer(
+        ModelConfig(channels={"image": 4, "audio": 3}, width=48, depth=2, heads=2, num_classes=3, **kw)
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # non-zero adaLN and output layers: every path carries signal
         for p in model.parameters():
@@ -136,7 +139,9 @@ def test_shifting_all_positions_leaves_the_model_output_unchanged():
     positions = grid_positions(1, 3, 4, batch=2)
 
     def run(pos):
-        batch = TokenBatch(segments=(Segment(modality="image", tokens=tokens, positions=pos),), labels=torch.tensor([0, 2]))
+        batch = TokenBatch(
+            segments=(Segment(modality="image", tokens=tokens, positions=pos),), labels=torch.tensor([0, 2])
+        )
         ts = Timesteps(levels=torch.tensor([[0.3], [0.8]]), index=torch.zeros(2, 12, dtype=torch.long))
         return model(batch, ts, return_hidden=(1,))
 
@@ -158,7 +163,11 @@ def _padded_batch(pad_tokens: torch.Tensor, n_real: int = 5, n_pad: int = 3) -> 
     valid = torch.ones(2, n_real + n_pad, dtype=torch.bool)
     valid[:, n_real:] = False
     return TokenBatch(
-        segments=(Segment(modality="image", tokens=tokens, positions=grid_positions(1, 1, n_real + n_pad, batch=2), valid=valid),),
+        segments=(
+            Segment(
+                modality="image", tokens=tokens, positions=grid_positions(1, 1, n_real + n_pad, batch=2), valid=valid
+            ),
+        ),
         labels=torch.tensor([1, 2]),
     )
 
@@ -167,15 +176,22 @@ def test_padded_tokens_do_not_change_the_outputs_of_real_tokens():
     model = _model()
     ts = Timesteps(levels=torch.tensor([[0.4], [0.6]]), index=torch.zeros(2, 8, dtype=torch.long))
     a = model(_padded_batch(torch.zeros(2, 3, 4)), ts, return_hidden=(1, 2))
-    b = model(_padded_batch(100 * torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(5))), ts, return_hidden=(1, 2))
+    b = model(
+        _padded_batch(100 * torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(5))), ts, return_hidden=(1, 2)
+    )
     torch.testing.assert_close(a.velocity[0][:, :5], b.velocity[0][:, :5], rtol=0, atol=1e-6)
     torch.testing.assert_close(a.hidden[2][:, :5], b.hidden[2][:, :5], rtol=0, atol=1e-6)
     assert not torch.allclose(a.velocity[0][:, 5:], b.velocity[0][:, 5:])  # the padding itself did change
 
     # and the real tokens see exactly what an unpadded batch of them sees
     short = TokenBatch(
-        segments=(Segment(modality="image", tokens=_padded_batch(torch.zeros(2, 3, 4)).segments[0].tokens[:, :5],
-                          positions=grid_positions(1, 1, 5, batch=2)),),
+        segments=(
+            Segment(
+                modality="image",
+                tokens=_padded_batch(torch.zeros(2, 3, 4)).segments[0].tokens[:, :5],
+                positions=grid_positions(1, 1, 5, batch=2),
+            ),
+        ),
         labels=torch.tensor([1, 2]),
     )
     c = model(short, Timesteps(levels=ts.levels, index=torch.zeros(2, 5, dtype=torch.long)))
@@ -196,10 +212,13 @@ def test_separation_mask_blocks_attention_across_noise_groups():
     mask = separation_mask(groups)
 
     def run(img, cond):
-        batch = TokenBatch(segments=(
-            Segment(modality="image", tokens=img, positions=grid_positions(1, 2, 4, batch=2)),
-            Segment(modality="audio", tokens=cond, positions=grid_positions(3, 1, 1, batch=2), role=Role.CONDITION),
-        ), labels=torch.tensor([0, 1]))
+        batch = TokenBatch(
+            segments=(
+                Segment(modality="image", tokens=img, positions=grid_positions(1, 2, 4, batch=2)),
+                Segment(modality="audio", tokens=cond, positions=grid_positions(3, 1, 1, batch=2), role=Role.CONDITION),
+            ),
+            labels=torch.tensor([0, 1]),
+        )
         return model(batch, ts, attn_mask=mask, return_hidden=(1, 2)).hidden[2]
 
     base = run(image, audio)
@@ -211,10 +230,17 @@ def test_separation_mask_blocks_attention_across_noise_groups():
     assert not torch.allclose(out[g2], base[g2])
 
     # without the mask the same change reaches group 1
-    batch = lambda img: TokenBatch(segments=(  # noqa: E731
-        Segment(modality="image", tokens=img, positions=grid_positions(1, 2, 4, batch=2)),
-        Segment(modality="audio", tokens=audio, positions=grid_positions(3, 1, 1, batch=2), role=Role.CONDITION),
-    ), labels=torch.tensor([0, 1]))
+    def batch(img):
+        return TokenBatch(
+            segments=(
+                Segment(modality="image", tokens=img, positions=grid_positions(1, 2, 4, batch=2)),
+                Segment(
+                    modality="audio", tokens=audio, positions=grid_positions(3, 1, 1, batch=2), role=Role.CONDITION
+                ),
+            ),
+            labels=torch.tensor([0, 1]),
+        )
+
     g1 = groups == 1
     open_a = model(batch(image), ts, return_hidden=(2,)).hidden[2]
     open_b = model(batch(changed), ts, return_hidden=(2,)).hidden[2]
@@ -238,4 +264,3 @@ def test_separation_mask_with_padding_keeps_padded_rows_finite():
     assert mask[0, 0, 0, 3] and not mask[0, 0, 3, 0]  # noise -> condition allowed, condition -> noise not
     q, k, v = _qkv(b=2, h=1, n=4, d=8)
     assert torch.isfinite(attend(q, k, v, mask)).all()
-

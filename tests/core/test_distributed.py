@@ -10,8 +10,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ARGS = ["train", "debug", "--set", "run.steps=4", "--set", "run.batch_size=16", "--set", "output.progress=false",
-        "--set", "output.checkpoint_every=0", "--set", "run.threads=1"]
+ARGS = [
+    "train",
+    "debug",
+    "--set",
+    "run.steps=4",
+    "--set",
+    "run.batch_size=16",
+    "--set",
+    "output.progress=false",
+    "--set",
+    "output.checkpoint_every=0",
+    "--set",
+    "run.threads=1",
+]
 
 
 def run(cmd, env):
@@ -25,8 +37,21 @@ def test_two_gloo_processes_match_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
     run([sys.executable, "-m", "selfflow", *ARGS, "--out", str(one)], env)
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "selfflow", *ARGS, "--out", str(two)], env)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "selfflow",
+            *ARGS,
+            "--out",
+            str(two),
+        ],
+        env,
+    )
     for part in ("model", "teacher", "objective"):
         a = load_file(str(one / "checkpoints" / "step_0000004" / f"{part}.safetensors"))
         b = load_file(str(two / "checkpoints" / "step_0000004" / f"{part}.safetensors"))

@@ -44,10 +44,14 @@ def _batch(b: int = 3, seed: int = 1) -> TokenBatch:
     g = torch.Generator().manual_seed(seed)
     return TokenBatch(
         segments=(
-            Segment(modality="image", tokens=torch.randn(b, 16, 6, generator=g), positions=grid_positions(1, 4, 4, batch=b)),
             Segment(
-                modality="audio", tokens=torch.randn(b, 5, 4, generator=g),
-                positions=grid_positions(5, 1, 1, batch=b), role=Role.CONDITION,
+                modality="image", tokens=torch.randn(b, 16, 6, generator=g), positions=grid_positions(1, 4, 4, batch=b)
+            ),
+            Segment(
+                modality="audio",
+                tokens=torch.randn(b, 5, 4, generator=g),
+                positions=grid_positions(5, 1, 1, batch=b),
+                role=Role.CONDITION,
             ),
         ),
         labels=torch.tensor([0, 4, 5])[:b],  # 5 is the null label
@@ -164,7 +168,9 @@ def test_return_hidden_is_one_indexed():
 # ----------------------------------------------------------------------------- sizes and init
 
 
-def _analytic_parameters(width: int, depth: int, channels: dict[str, int], num_classes: int, mlp_ratio: float = 4.0) -> int:
+def _analytic_parameters(
+    width: int, depth: int, channels: dict[str, int], num_classes: int, mlp_ratio: float = 4.0
+) -> int:
     d, f, freq = width, int(width * mlp_ratio), 256
     block = (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d) + (d * 6 * d + 6 * d)
     t_embed = (freq * d + d) + (d * d + d)
@@ -212,8 +218,12 @@ def test_per_modality_projections_with_two_channel_widths_in_one_sequence():
     g = torch.Generator().manual_seed(3)
     batch = TokenBatch(
         segments=(
-            Segment(modality="image", tokens=torch.randn(2, 4, 6, generator=g), positions=grid_positions(1, 2, 2, batch=2)),
-            Segment(modality="audio", tokens=torch.randn(2, 3, 4, generator=g), positions=grid_positions(3, 1, 1, batch=2)),
+            Segment(
+                modality="image", tokens=torch.randn(2, 4, 6, generator=g), positions=grid_positions(1, 2, 2, batch=2)
+            ),
+            Segment(
+                modality="audio", tokens=torch.randn(2, 3, 4, generator=g), positions=grid_positions(3, 1, 1, batch=2)
+            ),
         )
     )
     ts = Timesteps(levels=torch.tensor([[0.3], [0.7]]), index=torch.zeros(2, 7, dtype=torch.long))
@@ -235,7 +245,9 @@ def test_per_modality_projections_with_two_channel_widths_in_one_sequence():
 
 def test_unknown_modality_names_the_known_ones():
     model = _model()
-    batch = TokenBatch(segments=(Segment(modality="video", tokens=torch.randn(1, 2, 6), positions=grid_positions(2, 1, 1)),))
+    batch = TokenBatch(
+        segments=(Segment(modality="video", tokens=torch.randn(1, 2, 6), positions=grid_positions(2, 1, 1)),)
+    )
     ts = Timesteps(levels=torch.tensor([[0.5]]), index=torch.zeros(1, 2, dtype=torch.long))
     with pytest.raises(KeyError, match="audio.*image"):
         model(batch, ts)
@@ -302,7 +314,9 @@ def test_gelu_equals_torch_tanh_gelu_forward_and_backward():
     assert torch.autograd.gradcheck(K.gelu_tanh, (xd,))
 
 
-@pytest.mark.parametrize("shapes", [((4, 5, 6), (4, 5, 6), (4, 5, 6)), ((4, 1, 6), (4, 5, 6), (4, 1, 6)), ((4, 5, 6), (4, 1, 6), (4, 5, 6))])
+@pytest.mark.parametrize(
+    "shapes", [((4, 5, 6), (4, 5, 6), (4, 5, 6)), ((4, 1, 6), (4, 5, 6), (4, 1, 6)), ((4, 5, 6), (4, 1, 6), (4, 5, 6))]
+)
 def test_muladd_gradients_match_autograd(shapes):
     g = torch.Generator().manual_seed(6)
     ts = [torch.randn(s, dtype=torch.float64, generator=g, requires_grad=True) for s in shapes]
@@ -342,9 +356,12 @@ def test_step_benchmark_flop_count_matches_the_matmuls_a_step_executes():
             bench.train_step(state, batch, generator=torch.Generator().manual_seed(0))
         student_levels, teacher_levels = bench.levels_used(state, batch, 0)
         flops = bench.step_flops(
-            setup, method, student_layer=getattr(state.objective, "student_layer", 0),
+            setup,
+            method,
+            student_layer=getattr(state.objective, "student_layer", 0),
             teacher_layer=getattr(state.objective, "teacher_layer", 0),
-            student_levels=student_levels, teacher_levels=teacher_levels,
+            student_levels=student_levels,
+            teacher_levels=teacher_levels,
         )
         assert counter.get_total_flops() == sum(v for k, v in flops.items() if "attention" not in k), method.name
         totals[method.name] = sum(flops.values())

@@ -18,8 +18,8 @@ from selfflow.core.objectives import (
     FlowMatching,
     SelfFlow,
     SelfFlowConfig,
-    drop_labels,
     draw_noise,
+    drop_labels,
 )
 from selfflow.core.timesteps import DualTimestepScheduler, LogitNormalTime
 from selfflow.core.types import Role, TokenBatch
@@ -64,8 +64,17 @@ class StubModel(nn.Module):
             velocity = tuple(p @ self.out[s.modality] for s, p in zip(batch.segments, parts))
         else:
             velocity = tuple(None for _ in batch.segments)
-        self.calls.append(dict(batch=batch, timesteps=timesteps, return_hidden=tuple(return_hidden),
-                               stop_after=stop_after, attn_mask=attn_mask, velocity=velocity, hidden=hidden))
+        self.calls.append(
+            dict(
+                batch=batch,
+                timesteps=timesteps,
+                return_hidden=tuple(return_hidden),
+                stop_after=stop_after,
+                attn_mask=attn_mask,
+                velocity=velocity,
+                hidden=hidden,
+            )
+        )
         return ModelOutput(velocity=velocity, hidden=hidden)
 
 
@@ -114,11 +123,23 @@ def test_default_layers_are_03_and_07_depth(depth, layers):
 
 
 def test_layer_validation():
-    assert SelfFlow(width=8, depth=6, scheduler=DualTimestepScheduler(mask_ratio=0.25), config=SelfFlowConfig(student_layer=2, teacher_layer=5)).teacher_layer == 5
+    assert (
+        SelfFlow(
+            width=8,
+            depth=6,
+            scheduler=DualTimestepScheduler(mask_ratio=0.25),
+            config=SelfFlowConfig(student_layer=2, teacher_layer=5),
+        ).teacher_layer
+        == 5
+    )
     with pytest.raises(ValueError, match=r"teacher_layer=7 is outside blocks 1..6"):
-        SelfFlow(width=8, depth=6, scheduler=DualTimestepScheduler(mask_ratio=0.25), config=SelfFlowConfig(teacher_layer=7))
+        SelfFlow(
+            width=8, depth=6, scheduler=DualTimestepScheduler(mask_ratio=0.25), config=SelfFlowConfig(teacher_layer=7)
+        )
     with pytest.raises(ValueError, match=r"student_layer=0 is outside blocks 1..6"):
-        SelfFlow(width=8, depth=6, scheduler=DualTimestepScheduler(mask_ratio=0.25), config=SelfFlowConfig(student_layer=0))
+        SelfFlow(
+            width=8, depth=6, scheduler=DualTimestepScheduler(mask_ratio=0.25), config=SelfFlowConfig(student_layer=0)
+        )
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -146,7 +167,9 @@ def test_student_and_teacher_inputs(make_batch, gen):
     tau_s = student["timesteps"].per_token()[:, 3:]
     tau_t = teach["timesteps"].per_token()[:, 3:]
     levels = student["timesteps"].levels
-    torch.testing.assert_close(tau_t, torch.minimum(levels[:, 1], levels[:, 2])[:, None].expand_as(tau_t), rtol=0, atol=0)
+    torch.testing.assert_close(
+        tau_t, torch.minimum(levels[:, 1], levels[:, 2])[:, None].expand_as(tau_t), rtol=0, atol=0
+    )
     assert bool((tau_s == levels[:, 1:2]).any()) and bool((tau_s == levels[:, 2:3]).any())
     eps_s = _recover_eps(student["batch"].segments[1].tokens, x0, tau_s)
     eps_t = _recover_eps(teach["batch"].segments[1].tokens, x0, tau_t)
@@ -183,7 +206,8 @@ def _hand_losses(obj, student, teach, x0, valid, tokens):
 @pytest.mark.parametrize("which", ["all", "masked"])
 def test_losses_match_hand_computation(make_batch, gen, which):
     data, model, teacher, obj = _stub_setup(
-        make_batch, config=SelfFlowConfig(label_dropout=0.5, representation_tokens=which, gamma=0.8),
+        make_batch,
+        config=SelfFlowConfig(label_dropout=0.5, representation_tokens=which, gamma=0.8),
         padded={"image": 4},
     )
     losses = obj(model, data, teacher=teacher, generator=gen)
@@ -414,7 +438,11 @@ def test_objectives_use_only_the_explicit_generator(make_batch, global_rng_untou
     if kind == "flow_matching":
         obj = FlowMatching()
     else:
-        obj = SelfFlow.for_model(model, scheduler=DualTimestepScheduler(mask_ratio=0.25), config=SelfFlowConfig(attention_separation=kind.endswith("separated")))
+        obj = SelfFlow.for_model(
+            model,
+            scheduler=DualTimestepScheduler(mask_ratio=0.25),
+            config=SelfFlowConfig(attention_separation=kind.endswith("separated")),
+        )
     torch.manual_seed(0)
     with global_rng_untouched():
         a = obj(model, data, teacher=teacher, generator=torch.Generator().manual_seed(4))
@@ -427,6 +455,8 @@ def test_condition_role_is_respected_by_the_real_model(make_batch):
     model = _tiny_model({"text": 2, "image": 3}, depth=2)
     data = make_batch(SPECS, batch=2)
     assert data.segments[0].role is Role.CONDITION
-    out = SelfFlow.for_model(model, scheduler=DualTimestepScheduler(mask_ratio=0.25))(model, data, teacher=EMATeacher(model), generator=torch.Generator().manual_seed(0))
+    out = SelfFlow.for_model(model, scheduler=DualTimestepScheduler(mask_ratio=0.25))(
+        model, data, teacher=EMATeacher(model), generator=torch.Generator().manual_seed(0)
+    )
     assert torch.isfinite(out.total) and out.representation is not None
     assert isinstance(data, TokenBatch) and _f(out.per_modality["image"]) == _f(out.flow)

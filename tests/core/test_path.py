@@ -57,7 +57,9 @@ def test_v_x0_eps_round_trips(data, t_shape, gen):
     x0_hat = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64)
     v_hat = path.velocity_from_x0(xt, x0_hat, t)
     torch.testing.assert_close(path.x0_from_velocity(xt, v_hat, t), x0_hat, **tol)
-    torch.testing.assert_close(path.velocity_from_x0(xt, path.x0_from_velocity(xt, v_hat, t), t), v_hat, rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        path.velocity_from_x0(xt, path.x0_from_velocity(xt, v_hat, t), t), v_hat, rtol=0, atol=1e-10
+    )
     # eps and x0 estimates from one velocity are consistent with the path
     torch.testing.assert_close(
         path.interpolate(path.x0_from_velocity(xt, v_hat, t), path.eps_from_velocity(xt, v_hat, t), t), xt, **tol

@@ -75,8 +75,13 @@ def test_mask_rate_matches_ratio_over_many_draws(make_batch, gen):
 
 
 def test_per_modality_mask_ratios(make_batch, gen):
-    specs = [("text", 16, 2, "condition"), ("image", 64, 2, "generate"), ("video", 64, 2, "generate"),
-             ("audio", 64, 2, "generate"), ("depth", 32, 2, "generate")]
+    specs = [
+        ("text", 16, 2, "condition"),
+        ("image", 64, 2, "generate"),
+        ("video", 64, 2, "generate"),
+        ("audio", 64, 2, "generate"),
+        ("depth", 32, 2, "generate"),
+    ]
     batch = make_batch(specs, batch=128)
     sched = DualTimestepScheduler(mask_ratio={"image": 0.25, "video": 0.10, "audio": 0.50, "text": 0.5})
     masked = torch.cat([sched(batch, generator=gen).masked for _ in range(8)])
@@ -163,7 +168,10 @@ def test_gap_teacher_levels_within_gap(make_batch, gen):
     assert float(drop.min()) < 0.01 and float(drop.max()) > gap - 0.01
     # each noise group draws its own offset
     both = free.all(1)
-    assert float((drop_t := student[both, 1] - teacher[both, 1]).sub(student[both, 2] - teacher[both, 2]).abs().mean()) > 0.03
+    assert (
+        float((drop_t := student[both, 1] - teacher[both, 1]).sub(student[both, 2] - teacher[both, 2]).abs().mean())
+        > 0.03
+    )
     assert drop_t.numel() > 100
     # the dense teacher levels follow the shared index
     tau_teacher = steps.teacher.per_token()
@@ -187,7 +195,9 @@ def test_min_gap_switch(make_batch, gen):
     batch = make_batch([("image", 64, 2, "generate")], batch=4096)  # every sample has masked tokens
     levels = DualTimestepScheduler(mask_ratio=0.25, min_gap=0.3)(batch, generator=gen).student.levels
     assert float((levels[:, 1] - levels[:, 2]).abs().min()) >= 0.3
-    both = DualTimestepScheduler(mask_ratio=0.25, min_gap=0.1, max_gap=0.25, time=UniformTime())(batch, generator=gen).student.levels
+    both = DualTimestepScheduler(mask_ratio=0.25, min_gap=0.1, max_gap=0.25, time=UniformTime())(
+        batch, generator=gen
+    ).student.levels
     gap = (both[:, 1] - both[:, 2]).abs()
     assert float(gap.min()) >= 0.1 and float(gap.max()) <= 0.25 + 1e-6
 

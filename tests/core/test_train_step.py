@@ -20,15 +20,20 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 SPECS = [("text", 3, 2, "condition"), ("image", 8, 3, "generate")]
 
 
-def _state(*, optimizer: str = "adamw", lr: float = 1e-2, grad_clip: float = 1.0, decay: float = 0.9, seed: int = 0) -> TrainState:
+def _state(
+    *, optimizer: str = "adamw", lr: float = 1e-2, grad_clip: float = 1.0, decay: float = 0.9, seed: int = 0
+) -> TrainState:
     torch.manual_seed(seed)
     model = FlowTransformer(ModelConfig(channels={"text": 2, "image": 3}, width=32, depth=2, heads=2, num_classes=3))
     objective = SelfFlow.for_model(model, scheduler=DualTimestepScheduler(mask_ratio=0.25))
     params = list(model.parameters()) + list(objective.parameters())
     opt = torch.optim.AdamW(params, lr=lr) if optimizer == "adamw" else torch.optim.SGD(params, lr=lr)
     return TrainState(
-        model=model, teacher=EMATeacher(model, EMAConfig(decay=decay, warmup=False)), objective=objective,
-        optimizer=opt, grad_clip=grad_clip,
+        model=model,
+        teacher=EMATeacher(model, EMAConfig(decay=decay, warmup=False)),
+        objective=objective,
+        optimizer=opt,
+        grad_clip=grad_clip,
     )
 
 
@@ -102,7 +107,10 @@ def test_nan_loss_raises_and_changes_nothing(make_batch, gen):
     batch = make_batch(SPECS, batch=2, num_classes=3)
     train_step(state, batch, generator=gen)  # optimiser state exists
     state.objective = _NaNObjective()
-    before, opt_before = _snapshot(state), [v.clone() for s in state.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    before, opt_before = (
+        _snapshot(state),
+        [v.clone() for s in state.optimizer.state.values() for v in s.values() if torch.is_tensor(v)],
+    )
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 1 .*no update was applied"):
         train_step(state, batch, generator=gen)
     assert _same(before, _snapshot(state)) and state.step == 1
@@ -162,8 +170,12 @@ def test_per_modality_losses_average_over_the_micro_batches_that_have_them():
     from selfflow.core.train_step import mean_losses
 
     a = LossBreakdown(total=torch.tensor(1.0), flow=torch.tensor(1.0), per_modality={"image": torch.tensor(1.0)})
-    b = LossBreakdown(total=torch.tensor(3.0), flow=torch.tensor(3.0), representation=torch.tensor(0.5),
-                      per_modality={"audio": torch.tensor(3.0)})
+    b = LossBreakdown(
+        total=torch.tensor(3.0),
+        flow=torch.tensor(3.0),
+        representation=torch.tensor(0.5),
+        per_modality={"audio": torch.tensor(3.0)},
+    )
     m = mean_losses([a, b])
     assert m.detached() == {"loss": 2.0, "flow": 2.0, "representation": 0.5, "flow/audio": 3.0, "flow/image": 1.0}
 

@@ -31,12 +31,32 @@ def test_segment_properties_and_default_valid_mask():
 @pytest.mark.parametrize(
     ("kwargs", "error", "pattern"),
     [
-        ({"tokens": torch.zeros(2, 5)}, ValueError, r"Segment\[image\]\.tokens must have shape \(B, N, C\), got \(2, 5\)"),
-        ({"tokens": torch.zeros(2, 5, 3, dtype=torch.long)}, TypeError, r"tokens must be floating point, got torch\.int64"),
+        (
+            {"tokens": torch.zeros(2, 5)},
+            ValueError,
+            r"Segment\[image\]\.tokens must have shape \(B, N, C\), got \(2, 5\)",
+        ),
+        (
+            {"tokens": torch.zeros(2, 5, 3, dtype=torch.long)},
+            TypeError,
+            r"tokens must be floating point, got torch\.int64",
+        ),
         ({"tokens": np.zeros((2, 5, 3), dtype=np.float32)}, TypeError, r"tokens must be a torch\.Tensor, got ndarray"),
-        ({"positions": torch.zeros(2, 5, 2, dtype=torch.long)}, ValueError, r"positions must have shape \(2, 5, 3\), got \(2, 5, 2\)"),
-        ({"positions": torch.zeros(2, 4, 3, dtype=torch.long)}, ValueError, r"positions must have shape \(2, 5, 3\), got \(2, 4, 3\)"),
-        ({"positions": torch.zeros(2, 5, 3)}, TypeError, r"positions must be integer .*got torch\.float32; convert with \.long\(\)"),
+        (
+            {"positions": torch.zeros(2, 5, 2, dtype=torch.long)},
+            ValueError,
+            r"positions must have shape \(2, 5, 3\), got \(2, 5, 2\)",
+        ),
+        (
+            {"positions": torch.zeros(2, 4, 3, dtype=torch.long)},
+            ValueError,
+            r"positions must have shape \(2, 5, 3\), got \(2, 4, 3\)",
+        ),
+        (
+            {"positions": torch.zeros(2, 5, 3)},
+            TypeError,
+            r"positions must be integer .*got torch\.float32; convert with \.long\(\)",
+        ),
         ({"positions": torch.zeros(2, 5, 3, dtype=torch.bool)}, TypeError, r"positions must be integer"),
         ({"valid": torch.ones(2, 4, dtype=torch.bool)}, ValueError, r"valid must have shape \(2, 5\), got \(2, 4\)"),
         ({"valid": torch.ones(2, 5)}, TypeError, r"valid must be bool, got torch\.float32"),
@@ -89,9 +109,7 @@ def test_token_batch_validators():
 
 
 def test_generate_and_valid_masks(make_batch):
-    batch = make_batch(
-        [("text", 3, 2, "condition"), ("image", 4, 3, "generate")], batch=2, padded={"image": 1}
-    )
+    batch = make_batch([("text", 3, 2, "condition"), ("image", 4, 3, "generate")], batch=2, padded={"image": 1})
     expected_gen = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 0]], dtype=torch.bool)
     assert torch.equal(batch.generate_mask(), expected_gen)
     expected_valid = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
@@ -118,10 +136,30 @@ def test_token_batch_with_tokens_and_labels(make_batch):
 @pytest.mark.parametrize(
     ("levels", "index", "error", "pattern"),
     [
-        (torch.zeros(2), torch.zeros(2, 4, dtype=torch.long), ValueError, r"Timesteps\.levels must have shape \(B, K\), got \(2,\)"),
-        (torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long), TypeError, r"levels must be floating point"),
-        (torch.zeros(2, 2), torch.zeros(2, 4, 1, dtype=torch.long), ValueError, r"index must have shape \(B, N_total\), got \(2, 4, 1\)"),
-        (torch.zeros(2, 2), torch.zeros(2, 4, dtype=torch.int32), TypeError, r"index must be torch\.long .*got torch\.int32"),
+        (
+            torch.zeros(2),
+            torch.zeros(2, 4, dtype=torch.long),
+            ValueError,
+            r"Timesteps\.levels must have shape \(B, K\), got \(2,\)",
+        ),
+        (
+            torch.zeros(2, 2, dtype=torch.long),
+            torch.zeros(2, 4, dtype=torch.long),
+            TypeError,
+            r"levels must be floating point",
+        ),
+        (
+            torch.zeros(2, 2),
+            torch.zeros(2, 4, 1, dtype=torch.long),
+            ValueError,
+            r"index must have shape \(B, N_total\), got \(2, 4, 1\)",
+        ),
+        (
+            torch.zeros(2, 2),
+            torch.zeros(2, 4, dtype=torch.int32),
+            TypeError,
+            r"index must be torch\.long .*got torch\.int32",
+        ),
         (torch.zeros(3, 2), torch.zeros(2, 4, dtype=torch.long), ValueError, r"batch sizes differ: levels 3, index 2"),
         ([[0.0, 1.0]], torch.zeros(1, 4, dtype=torch.long), TypeError, r"levels must be a torch\.Tensor, got list"),
     ],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import textwrap
-import warnings
 from pathlib import Path
 
 import pytest
@@ -83,7 +82,8 @@ class ToyWriter:
     def write(self, media, directory, *, stem, labels, title):
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{stem}.txt"
-        path.write_text("; ".join(f"{l}: {v}" for l, v in zip(labels or [""] * len(media), media.mean((1, 2)).tolist())))
+        means = media.mean((1, 2)).tolist()
+        path.write_text("; ".join(f"{l}: {v}" for l, v in zip(labels or [""] * len(media), means)))
         return [MediaFile(path=path, element="text", items=tuple(range(len(media))))]
 
 
@@ -164,17 +164,17 @@ def selfflow_register_runs(register):
     register.add("toy/run", lambda config: RUN, None, "toy run")
 '''
 
-BROKEN_PLUGIN = '''
+BROKEN_PLUGIN = """
 raise RuntimeError("this plugin is broken on purpose")
-'''
+"""
 
-BAD_REGISTER = '''
+BAD_REGISTER = """
 from selfflow.plugins import hookimpl
 
 @hookimpl
 def selfflow_register_datasets(register):
     raise ValueError("cannot register today")
-'''
+"""
 
 
 def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, source: str) -> None:
@@ -256,13 +256,13 @@ def test_a_broken_plugin_is_skipped_by_name_or_fatal_when_strict(tmp_path, monke
         compose.load_registries()
 
 
-CLASHING = '''
+CLASHING = """
 from selfflow.plugins import hookimpl
 
 @hookimpl
 def selfflow_register_datasets(register):
     register.add("image/mnist", lambda config, *, split, seed: None, None, "a clash with a built-in")
-'''
+"""
 
 
 def test_builtins_register_first_and_keep_their_names(tmp_path, monkeypatch):

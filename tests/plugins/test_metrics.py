@@ -27,7 +27,6 @@ from selfflow.plugins.metrics import (
 )
 from selfflow.plugins.protocols import Example, FeatureNetwork, MediaMetric, MetricContext, ModelProbe
 
-
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
@@ -39,8 +38,13 @@ def _context(train, evaluation, reference_fn=None, tokenizer=None) -> MetricCont
         raise AssertionError("this metric should not build the reference network")
 
     return MetricContext(
-        modality="image", train_dataset=train, eval_dataset=evaluation, tokenizer=tokenizer or PatchTokenizer(),
-        device=torch.device("cpu"), cache_dir=Path("unused"), reference=reference_fn or no_reference,
+        modality="image",
+        train_dataset=train,
+        eval_dataset=evaluation,
+        tokenizer=tokenizer or PatchTokenizer(),
+        device=torch.device("cpu"),
+        cache_dir=Path("unused"),
+        reference=reference_fn or no_reference,
     )
 
 
@@ -58,7 +62,9 @@ def reference(data, tmp_path_factory, subset):
 
     train, evaluation = data
     cache = tmp_path_factory.getbasetemp() / "selfflow-reference-cache"  # shared with test_reference.py
-    return ImageReference.fit(subset(train, 2000), ImageReferenceConfig(epochs=5), eval_dataset=evaluation, cache_dir=cache, progress=False)
+    return ImageReference.fit(
+        subset(train, 2000), ImageReferenceConfig(epochs=5), eval_dataset=evaluation, cache_dir=cache, progress=False
+    )
 
 
 def _noised(x: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:

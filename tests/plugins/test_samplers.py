@@ -100,7 +100,9 @@ def test_sde_lands_exactly_on_a_point_mass(make_batch, steps):
         seen.append(x.clone())
         return (x - a) / t
 
-    out = EulerMaruyamaSampler(steps=steps, diffusion=1.0)(_field(v), template, generator=torch.Generator().manual_seed(1))
+    out = EulerMaruyamaSampler(steps=steps, diffusion=1.0)(
+        _field(v), template, generator=torch.Generator().manual_seed(1)
+    )
     torch.testing.assert_close(out.segments[0].tokens, a.expand(8, 6, 2), rtol=0, atol=1e-5)
     if steps > 1:
         # the noise is real: the state fed at the last step differs from the ODE's
@@ -153,9 +155,13 @@ def test_sde_reproduces_gaussian_data_statistics(make_batch):
     m, sigma = 1.0, 0.5
     template = make_batch([("image", 64, 8, "generate")], batch=32)  # 16,384 coordinates
     for diffusion in (0.5, 1.0, 2.0):
-        out = EulerMaruyamaSampler(steps=100, diffusion=diffusion)(
-            _gaussian_velocity(m, sigma), template, generator=torch.Generator().manual_seed(0)
-        ).segments[0].tokens
+        out = (
+            EulerMaruyamaSampler(steps=100, diffusion=diffusion)(
+                _gaussian_velocity(m, sigma), template, generator=torch.Generator().manual_seed(0)
+            )
+            .segments[0]
+            .tokens
+        )
         assert abs(float(out.mean()) - m) < 0.02, diffusion
         assert abs(float(out.std()) - sigma) < 0.02, diffusion
         ode = m + sigma * _eps(template, 0)[0]
@@ -166,7 +172,8 @@ def test_sde_reproduces_gaussian_data_statistics(make_batch):
 
 
 @pytest.mark.parametrize(
-    "sampler", [EulerSampler(steps=4), HeunSampler(steps=4), EulerMaruyamaSampler(steps=4, diffusion=1.0)],
+    "sampler",
+    [EulerSampler(steps=4), HeunSampler(steps=4), EulerMaruyamaSampler(steps=4, diffusion=1.0)],
     ids=["euler", "heun", "euler-maruyama"],
 )
 def test_condition_segments_held_clean(make_batch, sampler):
@@ -213,7 +220,9 @@ def test_guidance_applies_only_inside_its_interval(make_batch, low, high):
     template = make_batch([("image", 4, 2, "generate")], batch=4, num_classes=2)  # labels 0, 1, 0, 1
     model, scale, steps = _LabelModel(), 4.0, 10
     out = EulerSampler(steps=steps)(
-        model_velocity(model, Guidance(scale=scale, low=low, high=high)), template, generator=torch.Generator().manual_seed(0)
+        model_velocity(model, Guidance(scale=scale, low=low, high=high)),
+        template,
+        generator=torch.Generator().manual_seed(0),
     )
     grid = time_grid(steps).tolist()
     inside = [low <= t <= high for t in grid[:-1]]
@@ -232,7 +241,9 @@ def test_guidance_applies_only_inside_its_interval(make_batch, low, high):
 def test_guidance_scale_one_or_no_labels_means_one_pass(make_batch):
     template = make_batch([("image", 4, 2, "generate")], batch=4, num_classes=2)
     model = _LabelModel()
-    EulerSampler(steps=3)(model_velocity(model, Guidance(scale=1.0)), template, generator=torch.Generator().manual_seed(0))
+    EulerSampler(steps=3)(
+        model_velocity(model, Guidance(scale=1.0)), template, generator=torch.Generator().manual_seed(0)
+    )
     assert [size for size, _ in model.calls] == [4, 4, 4]
     assert not Guidance(scale=2.0, low=0.0, high=0.7).active(0.8) and Guidance(scale=2.0, high=0.7).active(0.7)
 
@@ -262,7 +273,8 @@ def test_model_velocity_guides_a_real_model(make_batch):
 
 
 @pytest.mark.parametrize(
-    "sampler", [EulerSampler(steps=3), HeunSampler(steps=3), EulerMaruyamaSampler(steps=5)],
+    "sampler",
+    [EulerSampler(steps=3), HeunSampler(steps=3), EulerMaruyamaSampler(steps=5)],
     ids=["euler", "heun", "euler-maruyama"],
 )
 def test_samplers_use_only_the_explicit_generator(make_batch, global_rng_untouched, sampler):

@@ -17,8 +17,16 @@ tokenizer = "image/patch"
 
 
 def test_defaults_and_overrides():
-    cfg = load_config(BASE, ["objective.gamma=0.5", "model.preset=\"tiny\"", "sampler.options={steps = 7}",
-                             "objective.attention_separation=true", "modalities.image.mask_ratio=0.1"])
+    cfg = load_config(
+        BASE,
+        [
+            "objective.gamma=0.5",
+            'model.preset="tiny"',
+            "sampler.options={steps = 7}",
+            "objective.attention_separation=true",
+            "modalities.image.mask_ratio=0.1",
+        ],
+    )
     assert cfg.objective.gamma == 0.5 and cfg.model.preset == "tiny" and cfg.sampler.options == {"steps": 7}
     assert cfg.objective.attention_separation is True and cfg.modalities["image"].mask_ratio == 0.1
     assert cfg.ema.decay == 0.9999 and cfg.optimizer.grad_clip == 1.0  # core.distill.EMAConfig's default
@@ -28,10 +36,10 @@ def test_defaults_and_overrides():
     "override, message",
     [
         ("objective.gama=0.5", "'objective.gama': unknown key; did you mean 'objective.gamma'"),
-        ("objective.gamma=\"high\"", "'objective.gamma': expected a number"),
+        ('objective.gamma="high"', "'objective.gamma': expected a number"),
         ("run.steps=0", "'run.steps'"),
         ("modalities.image.mask_ratio=0.7", "'modalities.image.mask_ratio'"),
-        ("objective.teacher_rule=\"max\"", "'objective.teacher_rule': expected one of ['min', 'gap']"),
+        ('objective.teacher_rule="max"', "'objective.teacher_rule': expected one of ['min', 'gap']"),
         ("optimizer.lr=-1", "'optimizer.lr'"),
         ("run.batch_size=true", "'run.batch_size': expected an integer"),
         ("runn.steps=3", "'runn': unknown key; did you mean 'run'"),
@@ -90,8 +98,9 @@ def test_optimizer_fused_switch_picks_the_kernel_and_both_train_alike(tmp_path, 
     update up to float rounding, so a few steps from the same seed end at the same weights."""
     runs = {}
     for fused in (True, False):
-        cfg = compose.resolve_config("debug", overrides=["output.progress=false", f"optimizer.fused={str(fused).lower()}",
-                                                         "run.steps=3"])
+        cfg = compose.resolve_config(
+            "debug", overrides=["output.progress=false", f"optimizer.fused={str(fused).lower()}", "run.steps=3"]
+        )
         run = compose.build_run(cfg, out_dir=tmp_path / f"fused-{fused}")
         assert run.state.optimizer.defaults["fused"] is (True if fused else None)
         assert run.state.optimizer.defaults["foreach"] is (None if fused else True)

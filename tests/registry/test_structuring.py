@@ -7,11 +7,11 @@ sections, a list of sections, a pair, optional keys, free-form ``Any`` options, 
 from __future__ import annotations
 
 import random
+import tomllib
 from typing import Any
 
 import attrs
 import pytest
-import tomllib
 
 from selfflow.registry import compose
 from selfflow.registry.structuring import ConfigError, structure, to_toml, unstructure

@@ -29,7 +29,12 @@ def classes(tmp_path: Path) -> Path:
     for i, size in enumerate(sizes):
         _save(tmp_path / "cat" / f"c{i}.{'png' if i % 2 else 'jpg'}", RED, size, "PNG" if i % 2 else "JPEG")
     for i, size in enumerate(sizes[:4]):
-        _save(tmp_path / "dog" / ("deep" if i == 3 else "") / f"d{i}.{'jpeg' if i % 2 else 'PNG'}", BLUE, size, "JPEG" if i % 2 else "PNG")
+        _save(
+            tmp_path / "dog" / ("deep" if i == 3 else "") / f"d{i}.{'jpeg' if i % 2 else 'PNG'}",
+            BLUE,
+            size,
+            "JPEG" if i % 2 else "PNG",
+        )
     (tmp_path / ".hidden").mkdir()
     _save(tmp_path / ".hidden" / "x.png", RED, (8, 8), "PNG")  # ignored: hidden
     return tmp_path
@@ -51,7 +56,7 @@ def test_labels_from_sorted_sub_folders(classes: Path) -> None:
             assert set(ex.media) == {"image"}
             img = ex.media["image"]
             assert img.shape == (3, 16, 16) and img.dtype == torch.float32
-            assert -1 <= float(img.min()) and float(img.max()) <= 1
+            assert float(img.min()) >= -1 and float(img.max()) <= 1
             red, blue = float(img[0].mean()), float(img[2].mean())
             assert ex.label == (0 if red > blue else 1)  # cat is red, dog is blue
             assert ds.files[i].parent.name in ("cat", "dog", "deep")
@@ -107,7 +112,10 @@ def test_fingerprint_follows_files_and_config(classes: Path) -> None:
     train, evaluation = _both(classes)
     assert train.fingerprint() == _both(classes)[0].fingerprint()
     assert train.fingerprint() != evaluation.fingerprint()
-    assert folder(FolderConfig(path=str(classes), size=8, eval_fraction=0.25), split="train", seed=0).fingerprint() != train.fingerprint()
+    assert (
+        folder(FolderConfig(path=str(classes), size=8, eval_fraction=0.25), split="train", seed=0).fingerprint()
+        != train.fingerprint()
+    )
     target = classes / "dog" / "d0.PNG"
     st = target.stat()
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))

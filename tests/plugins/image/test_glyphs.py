@@ -39,7 +39,7 @@ def test_examples_follow_the_protocol() -> None:
         assert set(ex.media) == {"image", "text"}
         img = ex.media["image"]
         assert img.shape == (3, 32, 32) and img.dtype == torch.float32
-        assert -1 <= float(img.min()) and float(img.max()) <= 1
+        assert float(img.min()) >= -1 and float(img.max()) <= 1
         assert ex.media["text"] == WORDS[ex.label]
         labels.add(ex.label)
     assert labels == set(range(len(WORDS)))
@@ -57,7 +57,10 @@ def test_same_seed_same_pixels_other_seed_other_pixels() -> None:
     assert (a - e).abs().flatten(1).amax(1).min() > 0.1
     fp = glyphs(cfg, split="train", seed=0).fingerprint()
     assert fp == glyphs(cfg, split="train", seed=0).fingerprint()
-    assert len({fp, glyphs(cfg, split="train", seed=1).fingerprint(), glyphs(cfg, split="eval", seed=0).fingerprint()}) == 3
+    assert (
+        len({fp, glyphs(cfg, split="train", seed=1).fingerprint(), glyphs(cfg, split="eval", seed=0).fingerprint()})
+        == 3
+    )
 
 
 def test_position_size_and_colour_vary_within_the_margins() -> None:
@@ -80,7 +83,9 @@ def test_position_size_and_colour_vary_within_the_margins() -> None:
 
 
 def test_centred_without_jitter_and_grayscale_option() -> None:
-    cfg = GlyphsConfig(vocabulary=("box",), fonts=("DejaVuSans.ttf",), jitter=0.0, scale=(1.0, 1.0), channels=1, num_train=8)
+    cfg = GlyphsConfig(
+        vocabulary=("box",), fonts=("DejaVuSans.ttf",), jitter=0.0, scale=(1.0, 1.0), channels=1, num_train=8
+    )
     images = _stack(glyphs(cfg, split="train", seed=0), 8)
     assert images.shape == (8, 1, 32, 32)
     boxes = _ink_boxes(images)

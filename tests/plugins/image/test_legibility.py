@@ -92,12 +92,21 @@ def test_labels_index_the_dataset_vocabulary() -> None:
     def no_reference():
         raise AssertionError("legibility needs no reference network")
 
-    context = MetricContext(modality="image", train_dataset=glyphs(GlyphsConfig(num_train=4, size=48), split="train", seed=0),
-                            eval_dataset=ds, tokenizer=None, device=torch.device("cpu"), cache_dir=Path("unused"),
-                            reference=no_reference)
+    context = MetricContext(
+        modality="image",
+        train_dataset=glyphs(GlyphsConfig(num_train=4, size=48), split="train", seed=0),
+        eval_dataset=ds,
+        tokenizer=None,
+        device=torch.device("cpu"),
+        cache_dir=Path("unused"),
+        reference=no_reference,
+    )
     metric = TextLegibility.from_config(None, context=context)
     assert isinstance(metric, MediaMetric) and metric.vocabulary == tuple(ds.class_names)
-    metric.update(fake=torch.stack([ds[i].media["image"] for i in range(12)]), labels=torch.tensor([ds[i].label for i in range(12)]))
+    metric.update(
+        fake=torch.stack([ds[i].media["image"] for i in range(12)]),
+        labels=torch.tensor([ds[i].label for i in range(12)]),
+    )
     assert metric.compute()[0].value >= 0.9
     # the wrong words for the same images: nothing matches
     metric.reset()

@@ -15,9 +15,6 @@ from selfflow.plugins.image.data import mnist
 from selfflow.plugins.image.reference import ImageReference, ImageReferenceConfig
 from selfflow.plugins.protocols import FeatureNetwork, ReferenceContext
 
-
-
-
 # 2,000 training digits, 5 epochs: measured 0.970 held-out accuracy on the 500-digit eval
 # split (seed 0) in ~7 s on one thread; the bound below leaves room for BLAS differences.
 SMALL = ImageReferenceConfig(epochs=5)
@@ -46,15 +43,23 @@ def test_reaches_stated_accuracy_on_held_out_digits(reference, data):
     assert reference.meta["eval_samples"] == len(evaluation) == 500
     assert reference.meta["train_samples"] == 2000
     # the recorded accuracy is what the network does on the eval set
-    assert (reference.predict(evaluation.images) == evaluation.labels).double().mean().item() == pytest.approx(reference.accuracy)
+    assert (reference.predict(evaluation.images) == evaluation.labels).double().mean().item() == pytest.approx(
+        reference.accuracy
+    )
     assert reference.describe()["reference_accuracy"] == reference.accuracy
 
 
 def test_registry_factory_trains_on_train_and_scores_on_eval(reference, data, tmp_path_factory, subset):
     train, evaluation = data
     cache = tmp_path_factory.getbasetemp() / "selfflow-reference-cache"
-    context = ReferenceContext(modality="image", train_dataset=subset(train, 2000), eval_dataset=evaluation, cache_dir=cache,
-                               device=torch.device("cpu"), progress=False)
+    context = ReferenceContext(
+        modality="image",
+        train_dataset=subset(train, 2000),
+        eval_dataset=evaluation,
+        cache_dir=cache,
+        device=torch.device("cpu"),
+        progress=False,
+    )
     built = ImageReference.from_config(SMALL, context=context)
     assert built.from_cache and built.meta["key"] == reference.meta["key"]
     assert isinstance(built, FeatureNetwork)
@@ -79,7 +84,9 @@ def test_trains_once_then_hits_the_cache(data, tmp_path, subset):
     x = torch.stack([small[i].media["image"] for i in range(8)])
     assert torch.equal(first.features(x), second.features(x))
 
-    ImageReference.fit(small, ImageReferenceConfig(epochs=1, widths=(8, 16), features=32, seed=1), cache_dir=tmp_path, progress=False)
+    ImageReference.fit(
+        small, ImageReferenceConfig(epochs=1, widths=(8, 16), features=32, seed=1), cache_dir=tmp_path, progress=False
+    )
     assert len(list((tmp_path / "reference").iterdir())) == 2, "another config is another cache entry"
 
 
@@ -111,7 +118,11 @@ def test_views_for_metrics(reference, data):
 def _grid_segment(batch: int, rows: int, cols: int) -> Segment:
     """A raster-ordered image segment spanning a ``rows x cols`` grid (the tokens do not matter:
     the reference reads the grid from the positions)."""
-    return Segment(modality="image", tokens=torch.zeros(batch, rows * cols, 4), positions=grid_positions(1, rows, cols, batch=batch))
+    return Segment(
+        modality="image",
+        tokens=torch.zeros(batch, rows * cols, 4),
+        positions=grid_positions(1, rows, cols, batch=batch),
+    )
 
 
 def test_token_features_for_external_alignment(reference, data):
@@ -120,7 +131,10 @@ def test_token_features_for_external_alignment(reference, data):
         tokens = reference.token_features(x, _grid_segment(4, *grid))
         assert tokens.shape == (4, grid[0] * grid[1], reference.token_feature_dim)
     # a 1x1 grid is the average of the finer grid's tokens (average pooling)
-    coarse, fine = reference.token_features(x, _grid_segment(4, 1, 1)), reference.token_features(x, _grid_segment(4, 8, 8))
+    coarse, fine = (
+        reference.token_features(x, _grid_segment(4, 1, 1)),
+        reference.token_features(x, _grid_segment(4, 8, 8)),
+    )
     assert torch.allclose(coarse[:, 0], fine.mean(1), atol=1e-5)
 
 

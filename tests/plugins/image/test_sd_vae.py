@@ -26,7 +26,9 @@ TINY = dict(
 
 
 def _save(path, **config):
-    diffusers = pytest.importorskip("diffusers", exc_type=ImportError, reason="image/sd-vae needs diffusers: pip install 'selfflow[sd-vae]'")
+    diffusers = pytest.importorskip(
+        "diffusers", exc_type=ImportError, reason="image/sd-vae needs diffusers: pip install 'selfflow[sd-vae]'"
+    )
     torch.manual_seed(0)
     model = diffusers.AutoencoderKL(**TINY, **config).eval()
     model.save_pretrained(str(path))
@@ -106,7 +108,9 @@ def test_missing_or_incomplete_directory_names_the_path(tmp_path):
         SDVAETokenizer(SDVAEConfig(path=str(missing))).fit(Images())
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "diffusion_pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="lacks diffusion_pytorch_model.safetensors.*convert them to safetensors"):
+    with pytest.raises(
+        FileNotFoundError, match="lacks diffusion_pytorch_model.safetensors.*convert them to safetensors"
+    ):
         SDVAETokenizer.from_pretrained(tmp_path)
 
 
