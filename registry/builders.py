@@ -26,7 +26,14 @@ from selfflow.core.timesteps import (
 )
 from selfflow.core.types import TokenBatch
 from selfflow.plugins.protocols import FeatureNetwork, Tokenizer
-from selfflow.registry.config import ConfigError, ObjectiveSection, RunConfig
+from selfflow.registry.config import (
+    OBJECTIVE_NAMES,
+    TEACHER_RULE_NAMES,
+    TIME_NAMES,
+    ConfigError,
+    ObjectiveSection,
+    RunConfig,
+)
 from selfflow.registry.registry import closest
 
 # ----------------------------------------------------------------------------- tables
@@ -154,6 +161,10 @@ OBJECTIVES: dict[str, Callable[..., torch.nn.Module]] = {
     "external-alignment": _external_alignment,
 }
 NEEDS_ENCODER = frozenset({"external-alignment"})
+
+# the config validates names against its lists; these tables must build exactly those
+for _table, _names in ((OBJECTIVES, OBJECTIVE_NAMES), (TIME_SAMPLERS, TIME_NAMES), (TEACHER_RULES, TEACHER_RULE_NAMES)):
+    assert set(_table) == set(_names), (sorted(_table), sorted(_names))
 
 
 def _weights(cfg: RunConfig) -> dict[str, float]:

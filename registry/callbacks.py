@@ -17,7 +17,7 @@ from selfflow.plugins.gallery import Gallery
 from selfflow.plugins.protocols import MediaFile
 
 if TYPE_CHECKING:
-    from selfflow.registry.compose import Run
+    from selfflow.registry.run import Run
 
 
 class SampleCallback:

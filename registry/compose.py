@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import platform
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,13 +26,14 @@ from selfflow.core.distill import EMATeacher
 from selfflow.core.loop import Loop, LoopConfig
 from selfflow.core.model import FlowTransformer
 from selfflow.core.train_step import TrainState
-from selfflow.plugins.batching import EncodedData, MixedSource, TokenSource, encode_dataset
+from selfflow.plugins.batching import MixedSource, TokenSource, encode_dataset
 from selfflow.plugins.manager import PluginHost
-from selfflow.plugins.protocols import Dataset, FeatureNetwork, MediaWriter, ReferenceContext, Tokenizer
+from selfflow.plugins.protocols import MediaWriter, Tokenizer
 from selfflow.registry import builders
 from selfflow.registry.callbacks import EvalCallback, PlotCallback, SampleCallback
-from selfflow.registry.config import ConfigError, RunConfig, StreamConfig, load_config, load_config_file, to_toml
+from selfflow.registry.config import ConfigError, RunConfig, load_config, load_config_file, to_toml
 from selfflow.registry.registry import Register, Registries
+from selfflow.registry.run import Run, Stream
 from selfflow.registry.setup import cache_dir as default_cache_dir
 from selfflow.registry.setup import setup_process
 
@@ -86,103 +86,6 @@ def output_dir(cfg: RunConfig, *, fresh: bool) -> Path:
 
 
 # ----------------------------------------------------------------------------- the run
-
-
-@attrs.define(kw_only=True, eq=False)
-class Stream:
-    """A composed stream: its datasets, its encoded training tokens (segments in the order
-    ``generate`` then ``condition``) and the rule that sets their roles per batch."""
-
-    name: str
-    index: int
-    config: StreamConfig
-    train: Dataset
-    eval: Dataset
-    encoded: EncodedData
-    rule: ConditionRule
-
-    @property
-    def generate(self) -> tuple[str, ...]:
-        return tuple(self.config.generate)
-
-    @property
-    def condition(self) -> tuple[str, ...]:
-        return tuple(self.config.condition)
-
-
-@attrs.define(kw_only=True, eq=False)
-class Run:
-    """A composed run: call ``train()``; ``sample()`` draws from the EMA model."""
-
-    config: RunConfig
-    state: TrainState
-    loop: Loop
-    tokenizers: dict[str, Tokenizer]
-    streams: dict[str, Stream]
-    writers: dict[str, MediaWriter]
-    class_names: tuple[str, ...]
-    sampler: Any
-    device: torch.device
-    out_dir: Path
-    generator: torch.Generator
-    registries: Registries
-    cache_dir: Path
-    wall_time: float = 0.0
-    _references: dict[str, FeatureNetwork] = attrs.field(factory=dict)
-
-    @property
-    def teacher(self) -> FlowTransformer:
-        return self.state.teacher.model
-
-    def train(self, *, until: int | None = None) -> list[dict[str, float]]:
-        t0 = time.perf_counter()
-        history = self.loop.run(until=until)
-        self.wall_time = time.perf_counter() - t0
-        return history
-
-    def stream_for(self, modality: str) -> Stream:
-        """The first stream that generates ``modality`` (its data is what evaluation of that
-        modality compares with)."""
-        for st in self.streams.values():
-            if modality in st.generate:
-                return st
-        raise ConfigError(f"no stream generates {modality!r}; generated: {self.config.generated()}")
-
-    def reference(self, modality: str) -> FeatureNetwork:
-        """The modality's reference feature network, built on first use (once per run), from
-        ``[modalities.NAME] reference`` (default: the entry named after the modality)."""
-        if modality not in self._references:
-            self._references[modality] = build_reference(self, modality)
-        return self._references[modality]
-
-    def sample(self, labels: torch.Tensor | None = None, **kwargs: Any) -> dict[str, Any]:
-        """``{modality: media}`` from the EMA model (see ``sampling.sample``)."""
-        from selfflow.registry.sampling import sample
-
-        return sample(self, labels, **kwargs)
-
-
-def build_reference(run: Run, modality: str) -> FeatureNetwork:
-    """The one place reference networks are built: the ``references`` registry entry the
-    modality's config names, fitted on the data of the first stream that generates it."""
-    mc = run.config.modalities[modality]
-    name = mc.reference or modality
-    if name not in run.registries.references:
-        known = run.registries.references.names()
-        raise ConfigError(
-            f"config key 'modalities.{modality}.reference': no reference network {name!r} is registered "
-            f"(known: {', '.join(known) or 'none'}); a plugin adds one with the selfflow_register_references hook"
-        )
-    st = run.stream_for(modality)
-    context = ReferenceContext(
-        modality=modality,
-        train_dataset=st.train,
-        eval_dataset=st.eval,
-        cache_dir=run.cache_dir,
-        device=run.device,
-        progress=run.config.output.progress,
-    )
-    return run.registries.references.build(name, mc.reference_options, context=context)
 
 
 def _label_space(streams: dict[str, Stream], class_conditional: bool) -> tuple[str, ...]:

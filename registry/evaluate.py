@@ -21,8 +21,9 @@ import torch
 
 from selfflow.plugins.batching import media_of
 from selfflow.plugins.protocols import MetricContext
-from selfflow.registry.compose import Run, Stream
 from selfflow.registry.config import ConfigError, MetricSpec
+from selfflow.registry.run import Run, Stream
+from selfflow.registry.sampling import sample
 
 
 @attrs.frozen(kw_only=True)
@@ -120,7 +121,7 @@ def _draw(
     for i, start in enumerate(range(0, n, chunk)):
         ys = None if labels is None else labels[start : start + chunk]
         count = min(chunk, n - start)
-        out = run.sample(ys, n=count, stream=stream.name, seed=seed + i, cfg_scale=cfg_scale)[modality]
+        out = sample(run, ys, n=count, stream=stream.name, seed=seed + i, cfg_scale=cfg_scale)[modality]
         parts.append(out.cpu() if isinstance(out, torch.Tensor) else out)
     fake = torch.cat(parts) if all(isinstance(p, torch.Tensor) for p in parts) else [x for p in parts for x in p]
     return fake, labels, time.perf_counter() - t0

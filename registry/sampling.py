@@ -21,7 +21,7 @@ from selfflow.plugins.protocols import MediaFile
 from selfflow.plugins.samplers import Guidance, model_velocity
 
 if TYPE_CHECKING:
-    from selfflow.registry.compose import Run, Stream
+    from selfflow.registry.run import Run, Stream
 
 
 def _items(stream: Stream, labels: torch.Tensor | None, count: int) -> torch.Tensor:

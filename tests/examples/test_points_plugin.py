@@ -20,9 +20,14 @@ def _pip(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def installed():
-    """pip-install the example (no dependencies: selfflow is this checkout) and remove it after."""
-    done = _pip("install", "-q", "--no-deps", "--no-build-isolation", str(PACKAGE))
+def installed(tmp_path_factory):
+    """pip-install the example (no dependencies: selfflow is this checkout) and remove it after;
+    built from a copy, so the build leaves nothing in the checkout."""
+    import shutil
+
+    source = tmp_path_factory.mktemp("pkg") / "selfflow-points"
+    shutil.copytree(PACKAGE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    done = _pip("install", "-q", "--no-deps", "--no-build-isolation", str(source))
     assert done.returncode == 0, done.stderr
     yield
     _pip("uninstall", "-q", "-y", "selfflow-points")
