@@ -1,25 +1,33 @@
 """The ``selfflow`` command (also ``python -m selfflow``).
 
-    selfflow train [RUN | --config FILE] [--set key=value ...] [--resume DIR]
-    selfflow sample CHECKPOINT [--steps N --cfg S --sampler NAME --n N --labels 0,1,2]
+    selfflow train [RUN | --config FILE] [--set key=value ...] [--resume DIR] [--out DIR] [--overwrite]
+    selfflow sample CHECKPOINT [--steps N --cfg S --sampler NAME --n N --labels 0,1,2 --out DIR]
     selfflow runs list
     selfflow plugins list
     selfflow registry show NAME
-    selfflow eval CHECKPOINT [--metric NAME ... --samples N --cfg S --sampler NAME --steps N --real]
-    selfflow bench step|image-methods [...]
+    selfflow eval CHECKPOINT [--metric NAME ... --samples N --cfg S --sampler NAME --steps N --real --out DIR]
+    selfflow bench step|image-methods|contention [...]
 
-Errors print one line and a hint; ``--debug`` shows the traceback.
+Errors print one line and a hint; ``--debug`` shows the traceback. Every argument is checked
+before any work; ``sample`` and ``eval`` never modify a run's training outputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 
 class UsageError(Exception):
-    pass
+    """A command-line argument that cannot work; ``hint`` (optional) says how to fix it."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,8 +46,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set objective.gamma=0.5 (repeatable)",
     )
-    t.add_argument("--resume", help="continue from a run directory or checkpoint")
-    t.add_argument("--out", help="run directory (default: from run.output_dir)")
+    t.add_argument(
+        "--resume", help="continue from a run directory or checkpoint (in place; with another --out: a branch)"
+    )
+    t.add_argument(
+        "--out", help="run directory (default: from run.output_dir, numbered afresh); with --resume: a branch"
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --out (its config, log, checkpoints, samples); with --resume from an older "
+        "checkpoint: delete the later ones and cut the log",
+    )
     t.add_argument("--device", help="torch device (default: run.device)")
 
     s = sub.add_parser("sample", help="draw samples from a checkpoint's EMA model")
@@ -71,8 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--real",
         action="store_true",
-        help="score real held-out items instead of samples (the metrics' ceiling; writes eval/eval_real_data.*)",
+        help="score real held-out items instead of samples (the metrics' ceiling; writes eval/eval_real_data*)",
     )
+    e.add_argument("--out", help="directory for the reports (default: RUN/eval/)")
 
     r = sub.add_parser("runs", help="registered runs")
     r.add_argument("action", choices=["list"])
@@ -85,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     rg.add_argument("name", nargs="?")
 
     b = sub.add_parser("bench", help="benchmarks (see benchmarks/)")
-    b.add_argument("suite", choices=["step", "image-methods"], help="which benchmark")
+    b.add_argument("suite", choices=["step", "image-methods", "contention"], help="which benchmark")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help)")
     return p
 
@@ -94,15 +113,31 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from selfflow.registry.compose import build_run, recorded_config, resolve_config, write_summary
+    from selfflow.core import loop
+    from selfflow.core.train_step import BadStepError
+    from selfflow.registry.compose import build_run, resolve_config, resume_config, write_summary
 
-    if args.resume and not (args.run or args.config):
-        cfg = recorded_config(args.resume, args.overrides)  # the run's own config, with any new overrides
+    _check_device(args.device)
+    if args.overwrite and not (args.out or args.resume):
+        raise UsageError(
+            "--overwrite replaces the run in --out DIR: give the directory (without --out a fresh run gets a new, "
+            "numbered directory and overwrites nothing)"
+        )
+    named = args.run or args.config
+    if args.resume:  # the run's own config; only resumable keys may change (config.RESUMABLE)
+        given = resolve_config(args.run, config_file=args.config, overrides=args.overrides) if named else None
+        cfg = resume_config(args.resume, args.overrides, config=given)
     else:
         cfg = resolve_config(args.run, config_file=args.config, overrides=args.overrides)
-    run = build_run(cfg, device=args.device, resume=args.resume, out_dir=args.out)
-    print(f"run directory: {run.out_dir}", file=sys.stderr)
-    run.train()
+    run = build_run(cfg, device=args.device, resume=args.resume, out_dir=args.out, overwrite=args.overwrite)
+    print(f"run directory: {run.out_dir}")  # stdout: stderr is for errors and hints
+    try:
+        run.train()
+    except loop.TrainingInterrupted as err:
+        return _report_interrupt(err, args.device)
+    except BadStepError as err:  # the guard stopped the run: the exact command that resumes it, slower
+        err.hint = _bad_step_hint(err, cfg.optimizer.lr, args.device)  # type: ignore[attr-defined]
+        raise
     import resource
 
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -114,30 +149,135 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_interrupt(err: Any, device: str | None) -> int:
+    """Ctrl-C during training: the loop wrote a checkpoint; say where and how to go on."""
+    if err.checkpoint is None:
+        print(f"interrupted at step {err.step}; no checkpoint was written (nothing was trained)", file=sys.stderr)
+        print("hint: start the run again (with --overwrite if it used --out)", file=sys.stderr)
+    else:
+        command = f"selfflow train --resume {shlex.quote(str(err.checkpoint))}"
+        command += f" --device {shlex.quote(device)}" if device else ""
+        print(f"interrupted at step {err.step}; checkpoint {err.checkpoint}", file=sys.stderr)
+        print(f"hint: continue with: {command}", file=sys.stderr)
+    return 130
+
+
+def _bad_step_hint(err: Any, lr: float, device: str | None) -> str:
+    """The command that resumes a run the guard stopped from its last sane checkpoint with a
+    tenth of the learning rate (``--overwrite`` when later checkpoints would be replaced)."""
+    from selfflow.core.checkpoint import list_checkpoints
+
+    if err.checkpoint is None and err.step == 0:  # not one update was applied: the rate cannot be the cause
+        return "the loss was not finite before any update: check the data and the model's inputs for NaN or inf"
+    if err.checkpoint is None:
+        return f"no checkpoint of this run had sane losses: start it again with a lower optimizer.lr (now {lr:g})"
+    checkpoint = Path(err.checkpoint)
+    command = f"selfflow train --resume {shlex.quote(str(checkpoint))} --set optimizer.lr={lr / 10:g}"
+    command += f" --device {shlex.quote(device)}" if device else ""
+    if not any(c.name > checkpoint.name for c in list_checkpoints(checkpoint.parent)):
+        return f"resume with a lower learning rate: {command}"
+    return (
+        f"resume with a lower learning rate: {command} --overwrite; --overwrite deletes the later checkpoints "
+        "(--out NEW branches instead)"
+    )
+
+
+def _check_device(device: str | None) -> None:
+    from selfflow.registry.compose import device_problem
+
+    problem = None if device is None else device_problem(device)
+    if problem:
+        raise UsageError(f"--device {problem}")
+
+
+def _at_least(flag: str, value: int | float | None, low: int | float, what: str, example: str) -> None:
+    if value is not None and not math.isfinite(value):
+        raise UsageError(f"{flag} must be a finite number ({what}), got {value}; e.g. {flag} {example}")
+    if value is not None and value < low:
+        raise UsageError(f"{flag} must be at least {low} ({what}), got {value}; e.g. {flag} {example}")
+
+
+def _sampling_args(args: argparse.Namespace) -> None:
+    """``--steps``, ``--cfg``, ``--sampler`` of ``sample`` and ``eval``, before any work."""
+    from selfflow.registry.compose import default_registries
+
+    _at_least("--steps", args.steps, 1, "sampler steps", "25")
+    _at_least("--cfg", args.cfg, 0, "the classifier-free guidance scale; 1 is none", "1.5")
+    if args.sampler is not None:
+        default_registries().samplers.get(args.sampler)  # an unknown name: the closest ones
+
+
+def _parse_labels(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise UsageError(f"--labels expects comma-separated class ids, e.g. --labels 3,7; got {text!r}")
+    return [int(p) for p in parts]
+
+
+def _output_place(out: str | None, run_dir: Path, default: str) -> Path:
+    """Where a read-only command writes: ``--out``, else ``default`` inside the run
+    directory; an error before any work when that place cannot be written."""
+    from selfflow.registry.run import writable
+
+    place = Path(out) if out else run_dir / default
+    if writable(place):
+        return place
+    if out:
+        raise UsageError(f"--out {place} is not writable; choose a directory you can write")
+    raise UsageError(
+        f"run directory {run_dir} is read-only, so {place} cannot be written; write elsewhere with --out DIR",
+        hint="sample and eval never modify a run's training outputs; --out DIR puts what they write elsewhere",
+    )
+
+
+def _checkpoint_config(args: argparse.Namespace) -> tuple[Path, Any, dict[str, Any]]:
+    """The checkpoint, the config it recorded with the sampling overrides, and its state."""
+    from selfflow.core.checkpoint import read_state, resolve
+    from selfflow.registry.compose import recorded_config
+
+    checkpoint = resolve(args.checkpoint)
+    overrides = ["output.progress=false"]
+    if args.sampler is not None:
+        overrides.append(f'sampler.name="{args.sampler}"')
+    if args.steps is not None:
+        overrides.append(f"sampler.options.steps={args.steps}")
+    return checkpoint, recorded_config(checkpoint, overrides), read_state(checkpoint, full=False)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from selfflow.plugins.gallery import Gallery
+    from selfflow.registry.compose import build_run
+    from selfflow.registry.run import run_dir_of
     from selfflow.registry.sampling import class_rows, write_samples
 
     if args.n < 1:
-        raise UsageError(f"--n must be at least 1, got {args.n}")
-    run, cfg = _run_from_checkpoint(args.checkpoint, args.sampler, args.steps)
+        raise UsageError(f"--n must be at least 1 (samples per label, or in all), got {args.n}; e.g. --n 8")
+    _sampling_args(args)
+    ids = _parse_labels(args.labels)
+    checkpoint, cfg, state = _checkpoint_config(args)
+    names = [st.label for st in cfg.streams]
+    if args.stream is not None and args.stream not in names:
+        raise UsageError(f"--stream {args.stream!r} is not a stream of the run; its streams are {names}")
+    classes = int(state.get("extra", {}).get("model", {}).get("num_classes", 0))
+    bad = [i for i in ids or [] if classes and i >= classes]
+    if bad:
+        raise UsageError(f"--labels {bad} are outside 0..{classes - 1} (the model's {classes} classes)")
+    out = _output_place(args.out, run_dir_of(checkpoint), "samples-cli")
+    run = build_run(cfg, resume=checkpoint, read_only=True)
     streams = [args.stream] if args.stream else list(run.streams)
-    unknown = [s for s in streams if s not in run.streams]
-    if unknown:
-        raise UsageError(f"--stream {unknown[0]!r}: the run's streams are {list(run.streams)}")
-    ids = [int(x) for x in args.labels.split(",")] if args.labels else None
-    out = Path(args.out) if args.out else run.out_dir / "samples-cli"
+    labels_of = {name: class_rows(run, run.streams[name], args.n, ids) for name in streams}
+    if ids is not None and any(v is None for v in labels_of.values()):
+        raise UsageError("--labels: this run's samples have no classes (unconditional); drop --labels")
     gallery = Gallery(out, title=f"{cfg.run.name}: samples at step {run.state.step}")
     files = []
     for name in streams:
-        labels = class_rows(run, run.streams[name], args.n, ids)
-        if ids is not None and labels is None:
-            raise UsageError("--labels: this run's samples have no classes (unconditional)")
         files += write_samples(
             run,
             out,
             stem=f"step_{run.state.step:07d}",
-            labels=labels,
+            labels=labels_of[name],
             n=args.n,
             seed=args.seed,
             gallery=gallery,
@@ -151,37 +291,34 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_from_checkpoint(path: str, sampler: str | None, steps: int | None):
-    from selfflow.core.checkpoint import resolve
-    from selfflow.registry.compose import build_run, recorded_config
-
-    ckpt = resolve(path)
-    overrides = ["output.progress=false"]
-    if sampler:
-        overrides.append(f'sampler.name="{sampler}"')
-    if steps:
-        overrides.append(f"sampler.options.steps={steps}")
-    cfg = recorded_config(ckpt, overrides)
-    return build_run(cfg, resume=ckpt, record=False), cfg
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
+    from selfflow.registry.compose import build_run, default_registries
     from selfflow.registry.config import MetricSpec
-    from selfflow.registry.evaluate import default_metrics, evaluate, write_report
+    from selfflow.registry.evaluate import check_metrics, default_metrics, evaluate, write_report
+    from selfflow.registry.run import run_dir_of
 
-    if args.samples is not None and args.samples < 1:
-        raise UsageError(f"--samples must be at least 1, got {args.samples}")
-    run, cfg = _run_from_checkpoint(args.checkpoint, args.sampler, args.steps)
-    if args.metric:  # NAME or NAME@MODALITY
-        specs = [MetricSpec(name=m.split("@")[0], modality=m.split("@")[1] if "@" in m else None) for m in args.metric]
-    elif cfg.eval.metrics:
-        specs = list(cfg.eval.metrics)
-    else:
-        specs = default_metrics(run, real_data=args.real)
+    _at_least("--samples", args.samples, 1, "samples drawn for the metrics", "500")
+    _sampling_args(args)
+    specs = []
+    for m in args.metric:  # NAME or NAME@MODALITY
+        name, at, modality = m.partition("@")
+        if not name or (at and not modality):
+            raise UsageError(f"--metric {m!r}: expected NAME or NAME@MODALITY, e.g. --metric fd@image")
+        specs.append(MetricSpec(name=name, modality=modality or None))
+    checkpoint, cfg, _ = _checkpoint_config(args)
+    specs = specs or list(cfg.eval.metrics)
+    check_metrics(default_registries(), cfg, specs, real_data=args.real)  # every name, before anything is sampled
+    out = _output_place(args.out, run_dir_of(checkpoint), "eval")
+    run = build_run(cfg, resume=checkpoint, read_only=True)
     report = evaluate(
-        run, metrics=specs, num_samples=args.samples, seed=args.seed, cfg_scale=args.cfg, real_data=args.real
+        run,
+        metrics=specs or default_metrics(run, real_data=args.real),
+        num_samples=args.samples,
+        seed=args.seed,
+        cfg_scale=args.cfg,
+        real_data=args.real,
     )
-    path = write_report(report, run.out_dir / "eval", stem="eval_real_data" if args.real else None)
+    path = write_report(report, out)
     print(report.markdown())
     print(path)
     return 0
@@ -256,6 +393,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from selfflow.benchmarks.step import main as step_main
 
         return step_main(args.args)
+    if args.suite == "contention":
+        from selfflow.benchmarks.contention import main as contention_main
+
+        return contention_main(args.args)
     if args.suite == "image-methods":
         from selfflow.benchmarks.image_methods import main as methods_main
 
@@ -274,12 +415,15 @@ COMMANDS = {
 }
 
 HINTS = {
+    "UsageError": "selfflow COMMAND --help lists the arguments",
+    "RunDirectoryError": "one directory holds one run: --resume continues it, a new --out starts or branches another",
     "ConfigError": "check the key in your TOML or --set (selfflow registry show RUN prints a run's config)",
     "RegistryError": "selfflow registry list shows every registered name",
     "CheckpointError": "point at a run directory or a checkpoints/step_* directory written by selfflow",
     "PluginLoadError": "unset SELFFLOW_STRICT_PLUGINS, or block the plugin with SELFFLOW_BLOCK_PLUGINS=NAME",
-    "NonFiniteLossError": "resume from the last checkpoint with a lower optimizer.lr "
-    "(--resume RUN --set optimizer.lr=...)",
+    "NonFiniteLossError": "resume from the last checkpoint whose losses were sane with a lower learning rate: "
+    "selfflow train --resume CHECKPOINT --set optimizer.lr=... (an older checkpoint than the run's last also needs "
+    "--overwrite, or --out NEW to branch)",
     "ImportError": "install the extra named above",
     "ModuleNotFoundError": "install the extra named above",
 }
@@ -301,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         name = type(err).__name__
         print(f"error: {err}", file=sys.stderr)
-        hint = HINTS.get(name, "run again with --debug for the traceback")
+        hint = getattr(err, "hint", None) or HINTS.get(name, "run again with --debug for the traceback")
         print(f"hint: {hint}", file=sys.stderr)
         return 2
 

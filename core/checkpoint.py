@@ -231,10 +231,75 @@ def load_weights(path: str | os.PathLike, which: str = "teacher") -> dict[str, T
     return load_file(str(ckpt / f"{which}.safetensors"))
 
 
-def read_state(path: str | os.PathLike) -> dict[str, Any]:
+def read_state(path: str | os.PathLike, *, full: bool = True) -> dict[str, Any]:
+    """The checkpoint's ``state.json``, verified against the manifest: every file
+    (``full``), or only ``state.json`` itself (a cheap look before the tensors are loaded,
+    which verifies the rest)."""
     ckpt = resolve(path)
-    verify(ckpt)
+    if full:
+        verify(ckpt)
+    else:
+        try:
+            digest = json.loads((ckpt / "manifest.json").read_text())["sha256"]["state.json"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{ckpt / 'manifest.json'} is unreadable or lists no state.json ({err})") from err
+        if not (ckpt / "state.json").is_file() or _sha256(ckpt / "state.json") != digest:
+            raise CheckpointError(f"{ckpt / 'state.json'} is missing or does not match its sha256 in the manifest")
     return json.loads((ckpt / "state.json").read_text())
+
+
+def model_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"width 32 in the checkpoint, 64 here"`` for every model setting that differs."""
+    keys = list(dict.fromkeys([*recorded, *current]))
+    return [
+        f"{k} {recorded.get(k, 'unset')!r} in the checkpoint, {current.get(k, 'unset')!r} here"
+        for k in keys
+        if recorded.get(k) != current.get(k)
+    ]
+
+
+def check_model(path: str | os.PathLike, current: dict[str, Any]) -> None:
+    """Refuse, in one line naming the differing settings, a checkpoint written by a model
+    of another shape (width, depth, modalities and their channels, classes, ...), before any
+    tensor is read. ``current`` is this model's ``attrs.asdict(ModelConfig)``; a checkpoint
+    that recorded no model settings is left to ``load_checkpoint``'s shape check."""
+    ckpt = resolve(path)
+    recorded = read_state(ckpt, full=False).get("extra", {}).get("model")
+    if not isinstance(recorded, dict):
+        return
+    diffs = model_differences(recorded, json.loads(json.dumps(current)))
+    if diffs:
+        raise CheckpointError(
+            f"{ckpt} was written by another model ({'; '.join(diffs)}); resume it with the config it recorded "
+            "(drop the --set or config that changes the model), or start a new run"
+        )
+
+
+def _load_module(module: torch.nn.Module, file: Path, device: torch.device) -> None:
+    """Load ``file`` into ``module``; a file of another model is one line that counts the
+    mismatches and shows one, never torch's list of every tensor."""
+    tensors = load_file(str(file), device=str(device))
+    own = module.state_dict()
+    shapes = [k for k in own if k in tensors and tuple(own[k].shape) != tuple(tensors[k].shape)]
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    if shapes or missing or unexpected:
+        parts = []
+        if shapes:
+            k = shapes[0]
+            parts.append(
+                f"{len(shapes)} tensors differ in shape (e.g. {k}: {tuple(tensors[k].shape)} in the checkpoint, "
+                f"{tuple(own[k].shape)} here)"
+            )
+        if missing:
+            parts.append(f"{len(missing)} tensors are missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} are not in this model (e.g. {unexpected[0]})")
+        raise CheckpointError(
+            f"{file} does not fit this model: {'; '.join(parts)}; it was written with another model config: "
+            "use the config it recorded, or start a new run"
+        )
+    module.load_state_dict(tensors)
 
 
 def load_checkpoint(
@@ -248,11 +313,17 @@ def load_checkpoint(
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt} has format {meta.get('format')}, this selfflow reads format {FORMAT}")
     device = next(state.module.parameters()).device
-    state.module.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(device)))
-    state.teacher.load_state_dict(load_file(str(ckpt / "teacher.safetensors"), device=str(device)))
-    state.objective.load_state_dict(load_file(str(ckpt / "objective.safetensors"), device=str(device)))
+    _load_module(state.module, ckpt / "model.safetensors", device)
+    _load_module(state.teacher, ckpt / "teacher.safetensors", device)
+    _load_module(state.objective, ckpt / "objective.safetensors", device)
     opt = _optimizer_join(load_file(str(ckpt / "optimizer.safetensors"), device=str(device)), meta["optimizer"])
-    state.optimizer.load_state_dict(opt)
+    try:
+        state.optimizer.load_state_dict(opt)
+    except ValueError as err:  # another parameter count: torch's message, named and with the fix
+        raise CheckpointError(
+            f"{ckpt / 'optimizer.safetensors'} does not fit this optimiser ({err}); it was written with another "
+            "model or objective config: use the config it recorded, or start a new run"
+        ) from err
     if state.lr_schedule is not None and meta["lr_schedule"] is not None:
         state.lr_schedule.load_state_dict(meta["lr_schedule"])
     state.step = int(meta["step"])

@@ -155,13 +155,15 @@ def encode_dataset(
     progress: bool = False,
     device: torch.device | str = "cpu",
     cache_dir: str | Path | None = None,
+    name: str | None = None,
 ) -> EncodedData:
     """Encode every item's ``media[m]`` with ``tokenizers[m]`` (in the mapping's order).
 
     Items of one chunk whose media differ in shape are encoded in groups of equal shape;
     segments are padded to the longest item (``valid`` marks real tokens). With
     ``cache_dir``, the encoding is read from / written to
-    ``cache_dir/encoded/<key>`` (``encoding_key``)."""
+    ``cache_dir/encoded/<key>`` (``encoding_key``). Non-finite tokens are an error that names
+    the dataset (``name``, default its class name) and the item."""
     n = len(dataset)
     if n == 0:
         raise ValueError(f"dataset {type(dataset).__name__} is empty")
@@ -201,6 +203,8 @@ def encode_dataset(
                 ys.extend(-1 if it.label is None else int(it.label) for it in items)
 
     segments = [pad_segments(parts[m]) for m in tokenizers]
+    for seg in segments:
+        _check_finite(seg, name or type(dataset).__name__)
     label_t = torch.tensor(ys, dtype=torch.long) if labels and ys and min(ys) >= 0 else None
     data = EncodedData(segments=segments, labels=label_t)
     if entry is not None:
@@ -208,6 +212,19 @@ def encode_dataset(
             w.save_tensors("tokens.safetensors", data.tensors())
             w.set_meta({"dataset": type(dataset).__name__, "items": n, "modalities": list(tokenizers)})
     return data
+
+
+def _check_finite(seg: Segment, dataset: str) -> None:
+    """Tokens must be finite: a NaN or inf in the data would only surface as a NaN loss at
+    step 0, far from its cause. Names the dataset, the modality and the first bad item."""
+    bad = ~torch.isfinite(seg.tokens) & seg.valid_mask()[..., None]
+    if bool(bad.any()):
+        item = int(bad.flatten(1).any(1).nonzero()[0])
+        kind = "NaN" if bool(torch.isnan(seg.tokens[item]).any()) else "an infinite value (inf)"
+        raise ValueError(
+            f"dataset {dataset!r}: item {item} holds {kind} in its {seg.modality!r} media (non-finite tokens); "
+            "fix or drop that item"
+        )
 
 
 def _same_shape_runs(media: Sequence[Any]) -> list[list[int]]:

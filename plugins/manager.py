@@ -8,8 +8,12 @@ Environment switches:
 
 - ``SELFFLOW_DISABLE_PLUGINS=1``: load only the built-in plugins;
 - ``SELFFLOW_BLOCK_PLUGINS=a,b``: skip the plugins with these names (built-ins included);
-- ``SELFFLOW_STRICT_PLUGINS=1``: a plugin that fails to load or register is an error
-  instead of a warning.
+- ``SELFFLOW_STRICT_PLUGINS=1``: a plugin that fails to load or register, or registers a
+  name another plugin already has, is an error instead of a warning.
+
+Built-ins register first and keep their names: a later plugin's entry under a taken name is
+refused (that entry only; the rest of the plugin registers), reported by the newcomer's name
+and kept in its ``PluginInfo`` (``refused``, and ``error`` for ``selfflow plugins list``).
 """
 
 from __future__ import annotations
@@ -51,7 +55,11 @@ class PluginInfo:
     version: str
     builtin: bool
     registered: dict[str, list[str]] = attrs.field(factory=dict)
-    error: str | None = None
+    refused: list[str] = attrs.field(factory=list)  # one line per entry refused for a name clash
+    error: str | None = None  # every failure and refusal, "; "-joined: what `selfflow plugins list` shows
+
+    def note(self, text: str) -> None:
+        self.error = text if not self.error else f"{self.error}; {text}"
 
 
 def _flag(name: str) -> bool:
@@ -72,11 +80,29 @@ class PluginHost:
         self.plugins: dict[str, PluginInfo] = {}
 
     def _fail(self, info: PluginInfo, what: str, err: BaseException) -> None:
-        info.error = f"{what}: {type(err).__name__}: {err}"
+        info.note(f"{what}: {type(err).__name__}: {err}")
         msg = f"selfflow plugin {info.name!r} ({info.module}) failed to {what}: {type(err).__name__}: {err}"
         if self.strict:
             raise PluginLoadError(msg + " (SELFFLOW_STRICT_PLUGINS is set)") from err
         warnings.warn(msg + "; skipped", PluginWarning, stacklevel=3)
+
+    def _refuse(self, name: str, info: PluginInfo | None, kind: str, text: str) -> None:
+        """``name``'s entry of ``kind`` was refused (``text``: which, and who keeps it)."""
+        where = f" ({info.module})" if info is not None else ""
+        msg = f"selfflow plugin {name!r}{where}: {text}"
+        if info is not None:
+            info.refused.append(text)
+            info.note(f"register {kind}: {text}")
+        if self.strict:
+            raise PluginLoadError(
+                f"{msg} (SELFFLOW_STRICT_PLUGINS is set); rename the entry in {name!r}, "
+                f"block the plugin with SELFFLOW_BLOCK_PLUGINS={name}, or unset SELFFLOW_STRICT_PLUGINS"
+            )
+        warnings.warn(
+            f"{msg}; its other entries are kept (rename it, or block the plugin with SELFFLOW_BLOCK_PLUGINS={name})",
+            PluginWarning,
+            stacklevel=3,
+        )
 
     def add(self, name: str, load: Callable[[], Any], *, module: str, version: str, builtin: bool) -> None:
         """Load one plugin object and register it with pluggy."""
@@ -113,7 +139,9 @@ class PluginHost:
         """Call every ``selfflow_register_<kind>`` hook plugin by plugin.
 
         ``registers[kind](plugin_name)`` returns the register object handed to that plugin;
-        it must have ``added: list[str]``. A plugin whose hook raises is skipped (its
+        it must have ``added: list[str]`` and may have ``refused: list[str]`` (entries it
+        refused because an earlier plugin has the name: each is reported by this plugin's
+        name, a warning or, strict, an error). A plugin whose hook raises is skipped (its
         entries of that kind stay as far as they got) with a warning naming it.
         """
         for kind, make_register in registers.items():
@@ -126,15 +154,19 @@ class PluginHost:
                 impl = impls[name]
                 info = self.plugins.get(name)
                 register = make_register(name)
+                failure: Exception | None = None
                 try:
                     impl.function(register=register)
-                except Exception as err:
-                    if info is not None:
-                        self._fail(info, f"register {kind}", err)
-                    else:
-                        raise
+                except Exception as err:  # noqa: BLE001 - reported by name below
+                    failure = err
                 if info is not None and register.added:
                     info.registered.setdefault(kind, []).extend(register.added)
+                for text in getattr(register, "refused", ()):
+                    self._refuse(name, info, kind, text)
+                if failure is not None:
+                    if info is None:
+                        raise failure
+                    self._fail(info, f"register {kind}", failure)
 
 
 def _installed() -> bool:

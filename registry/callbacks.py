@@ -77,7 +77,8 @@ class PlotCallback:
 
 class EvalCallback:
     """``eval.at_end``: the run's ``[[eval.metrics]]`` after the last step, the report in
-    ``eval/eval_step_N.{json,md}`` (rank 0)."""
+    ``eval/eval_step_N-KEY.{json,md}`` and ``eval/eval_step_N.{json,md}`` (rank 0; see
+    ``evaluate.write_report``)."""
 
     def __init__(self, run_ref: list[Run]) -> None:
         self.run_ref = run_ref

@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 import torch
 
+from selfflow.core import checkpoint as ckpt
 from selfflow.core import distributed
 from selfflow.core.conditioning import ConditionRule
 from selfflow.core.distill import EMATeacher
@@ -31,9 +32,16 @@ from selfflow.plugins.manager import PluginHost
 from selfflow.plugins.protocols import MediaWriter, Tokenizer
 from selfflow.registry import builders
 from selfflow.registry.callbacks import EvalCallback, PlotCallback, SampleCallback
-from selfflow.registry.config import ConfigError, RunConfig, load_config, load_config_file, to_toml
-from selfflow.registry.registry import Register, Registries
-from selfflow.registry.run import Run, Stream
+from selfflow.registry.config import (
+    ConfigError,
+    RunConfig,
+    check_resume,
+    load_config,
+    load_config_file,
+    to_toml,
+)
+from selfflow.registry.registry import Register, Registries, RegistryError
+from selfflow.registry.run import Run, RunDirectory, Stream, plan_directory, run_dir_of
 from selfflow.registry.setup import cache_dir as default_cache_dir
 from selfflow.registry.setup import setup_process
 
@@ -74,6 +82,51 @@ def resolve_config(
     return load_config(text, overrides, source=f"run {name!r}")
 
 
+def device_problem(spec: str) -> str | None:
+    """What is wrong with a device string here (``None``: nothing): not a torch device, or a
+    CUDA device this machine does not have."""
+    if spec == "auto":
+        return None
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        return f"{spec!r} is not a torch device; use cpu, cuda, cuda:N (or run.device = 'auto')"
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            return f"{spec!r} is not available: this machine (or torch build) has no CUDA device; use cpu or 'auto'"
+        if (dev.index or 0) >= n:
+            return f"{spec!r} is not available: this machine has cuda:0..cuda:{n - 1}"
+    return None
+
+
+def check_names(regs: Registries, cfg: RunConfig) -> None:
+    """Every registry name ``cfg`` gives (tokenizers, datasets, reference networks, the
+    sampler, ``[[eval.metrics]]``), before any work: an unknown one is one line naming its
+    key and the closest registered names."""
+    from selfflow.registry.evaluate import spec_modality
+
+    def known(registry: Any, name: str, key: str) -> None:
+        try:
+            registry.get(name)
+        except RegistryError as err:
+            raise RegistryError(f"config key '{key}': {err}") from None
+
+    for m, mc in cfg.modalities.items():
+        known(regs.tokenizers, mc.tokenizer, f"modalities.{m}.tokenizer")
+        if mc.reference is not None:
+            known(regs.references, mc.reference, f"modalities.{m}.reference")
+    for i, sc in enumerate(cfg.streams):
+        known(regs.datasets, sc.dataset, f"streams[{i}].dataset")
+    known(regs.samplers, cfg.sampler.name, "sampler.name")
+    for i, spec in enumerate(cfg.eval.metrics):
+        try:
+            regs.measure(spec.name)
+        except RegistryError as err:
+            raise RegistryError(f"config key 'eval.metrics[{i}].name': {err}") from None
+        spec_modality(cfg, spec)
+
+
 def output_dir(cfg: RunConfig, *, fresh: bool) -> Path:
     base = Path(cfg.run.output_dir.format(name=cfg.run_dir_name))
     if not fresh or not base.exists() or not any(base.iterdir()):
@@ -109,21 +162,42 @@ def build_run(
     device: str | None = None,
     resume: str | Path | None = None,
     out_dir: str | Path | None = None,
+    read_only: bool = False,
+    overwrite: bool = False,
     record: bool = True,
 ) -> Run:
     """Compose tokenizers, streams (datasets, encoded tokens, condition rules), model, EMA
     teacher, objective, optimiser, data source, sampler, writers and callbacks from
-    ``config``; ``resume`` restores a checkpoint into them. ``record``: write
-    ``config.toml`` into the run directory; evaluation and sampling pass False, so their
-    overrides (another sampler, say) never rewrite what the run recorded."""
+    ``config``; ``resume`` restores a checkpoint into them.
+
+    A training run's directory follows ``run.plan_directory``: a fresh run refuses an
+    ``out_dir`` that holds a run (``overwrite``: its run outputs are cleared), resuming in
+    place refuses to replace later checkpoints (``overwrite``: they are removed and the log
+    cut), resuming into another ``out_dir`` is a branch that leaves the source run as it
+    was. Every refusal comes before any work, every write after the run is composed.
+
+    ``read_only`` (sampling, evaluation; ``record=False`` is its older name): the
+    checkpoint is restored without touching a file, no directory is checked or written,
+    and ``config.toml`` is not rewritten, so their overrides (another sampler, say) never
+    change what the run recorded."""
     regs = registries or default_registries()
     cfg = config
+    read_only = read_only or not record
+    check_names(regs, cfg)
+    problem = None if device is not None else device_problem(cfg.run.device)
+    if problem:
+        raise ConfigError(f"config key 'run.device': {problem}")
+    checkpoint = ckpt.resolve(resume) if resume is not None else None
+    if read_only:
+        plan = RunDirectory(path=Path(out_dir) if out_dir else run_dir_of(checkpoint) if checkpoint else Path("."))
+    else:
+        if checkpoint is not None:
+            check_resumable(checkpoint, cfg)
+        fresh = output_dir(cfg, fresh=True) if checkpoint is None and out_dir is None else Path()
+        plan = plan_directory(fresh, out=out_dir, checkpoint=checkpoint, overwrite=overwrite)
+    run_dir = plan.path
     shard, dev = setup_process(cfg.run, device)
     generator = torch.Generator().manual_seed(cfg.run.seed)
-    if resume is not None:
-        run_dir = Path(out_dir) if out_dir else _run_dir_of(Path(resume))
-    else:
-        run_dir = Path(out_dir) if out_dir else output_dir(cfg, fresh=True)
     cache = default_cache_dir()
     progress = cfg.output.progress and shard.is_main
 
@@ -160,6 +234,7 @@ def build_run(
             labels=train.num_classes > 0,
             progress=progress,
             cache_dir=cache,
+            name=sc.dataset,
         )
         try:
             rule = ConditionRule(always=sc.condition, probability=sc.condition_probability)
@@ -174,6 +249,8 @@ def build_run(
     # model, EMA teacher, objective, optimiser
     channels = {name: tok.channels for name, tok in tokenizers.items()}
     model = FlowTransformer(builders.model_config(cfg, channels, num_classes)).to(dev)
+    if checkpoint is not None:  # another width or modalities: one line, before any tensor is read
+        ckpt.check_model(checkpoint, attrs.asdict(model.cfg))
     teacher = EMATeacher(model, cfg.ema)
     sampler = regs.samplers.build(cfg.sampler.name, cfg.sampler.options)
     writers = _writers(regs, cfg)
@@ -240,17 +317,42 @@ def build_run(
         source=source,
         generator=generator,
         out_dir=run_dir,
-        config=LoopConfig(steps=cfg.run.steps, grad_accum=cfg.run.grad_accum, output=out),
+        config=LoopConfig(steps=cfg.run.steps, grad_accum=cfg.run.grad_accum, output=out, guard=cfg.guard),
         callbacks=callbacks,
         checkpoint_extra={"config_toml": to_toml(cfg), "model": attrs.asdict(model.cfg)},
     )
     run_ref.append(run)
-    if resume is not None:
-        run.loop.resume(resume)
-    if shard.is_main and record:
+    if checkpoint is not None:  # in place, the log is cut at the checkpoint; read-only, nothing is touched
+        run.loop.resume(checkpoint, read_only=read_only)
+    if read_only:
+        return run
+    if checkpoint is not None:
+        apply_resumed_settings(run.state, cfg)
+    if shard.is_main:  # the run is composed and its checkpoint loaded: now clear, drop, copy, record
+        rows = plan.prepare(None if checkpoint is None else run.state.step)
+        if rows is not None:  # a branch: its log is the source's up to the checkpoint
+            run.loop.history = rows
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg))
+        (run_dir / "config.toml").write_text(to_toml(cfg))  # the settings the run uses from here on
     return run
+
+
+def apply_resumed_settings(state: TrainState, cfg: RunConfig) -> None:
+    """After a checkpoint is loaded its optimiser's hyper-parameters win; make the config's
+    resumable ones (``config.RESUMABLE``) take effect: the peak ``optimizer.lr`` becomes the
+    schedule's base, and the rate of the next step follows the schedule (warmup, decay,
+    ``run.steps``) that this config builds, from the step the checkpoint reached."""
+    schedule = state.lr_schedule
+    if schedule is None:
+        return
+    peak = cfg.optimizer.lr
+    schedule.base_lrs = [peak for _ in state.optimizer.param_groups]
+    rates = [peak * f(schedule.last_epoch) for f in schedule.lr_lambdas]  # type: ignore[attr-defined]
+    for group, rate in zip(state.optimizer.param_groups, rates, strict=True):
+        group["initial_lr"] = peak
+        group["lr"] = rate
+    schedule._last_lr = rates  # what get_last_lr() reports
+    state.grad_clip = cfg.optimizer.grad_clip
 
 
 def _writers(regs: Registries, cfg: RunConfig) -> dict[str, MediaWriter]:
@@ -270,21 +372,35 @@ def _writers(regs: Registries, cfg: RunConfig) -> dict[str, MediaWriter]:
 
 def recorded_config(checkpoint: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """The config a checkpoint recorded (verified against its manifest), with ``overrides``
-    (``KEY=VALUE``) on top: how resuming, sampling and evaluation rebuild a run."""
-    from selfflow.core.checkpoint import read_state
-
-    state = read_state(checkpoint)
+    (``KEY=VALUE``) on top: how sampling and evaluation rebuild a run."""
+    state = ckpt.read_state(checkpoint, full=False)  # loading the tensors verifies the rest
     return load_config(state["extra"]["config_toml"], list(overrides), source=f"checkpoint {checkpoint}")
 
 
-def _run_dir_of(path: Path) -> Path:
-    """The run directory of a checkpoint path (``run/checkpoints/step_X`` -> ``run``)."""
-    path = path.resolve()
-    if (path / "manifest.json").is_file():
-        return path.parent.parent
-    if path.name == "checkpoints":
-        return path.parent
-    return path
+def resume_config(
+    checkpoint: str | Path, overrides: Sequence[str] = (), *, config: RunConfig | None = None
+) -> RunConfig:
+    """The config a resumed run uses: the checkpoint's own with ``overrides`` on top (or
+    ``config``, when ``train RUN --resume`` names one), checked by ``check_resumable``."""
+    path = ckpt.resolve(checkpoint)
+    text = ckpt.read_state(path, full=False)["extra"]["config_toml"]
+    new = config if config is not None else load_config(text, list(overrides), source=f"checkpoint {path}")
+    check_resumable(path, new)
+    return new
+
+
+def check_resumable(checkpoint: Path, cfg: RunConfig) -> None:
+    """Only ``config.RESUMABLE`` keys of ``cfg`` may differ from what ``checkpoint``
+    recorded (``ConfigError`` names any other), and ``run.steps`` may not be below its step."""
+    state = ckpt.read_state(checkpoint, full=False)
+    source = f"checkpoint {checkpoint}"
+    check_resume(load_config(state["extra"]["config_toml"], source=source), cfg, source=source)
+    step = int(state["step"])
+    if cfg.run.steps < step:
+        raise ConfigError(
+            f"config key 'run.steps': {cfg.run.steps} is below the step {step} of {checkpoint}; "
+            f"set run.steps to at least {step} (the total, not the steps still to train)"
+        )
 
 
 def write_summary(run: Run, extra: dict[str, Any] | None = None) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import string
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import attrs
 
 from selfflow.core.distill import EMAConfig
-from selfflow.core.loop import LoopOutput
+from selfflow.core.loop import LoopGuard, LoopOutput
 from selfflow.core.objectives import SelfFlowConfig
 from selfflow.core.timesteps import check_mask_ratio
 from selfflow.registry.structuring import ConfigError, structure, unstructure
@@ -54,6 +55,23 @@ def _mask_ratio(instance: Any, attribute: attrs.Attribute, value: float | None) 
             ) from None
 
 
+def _output_dir(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    """``run.output_dir`` may hold the placeholder ``{name}`` only: a typo (``{nme}``) is
+    caught when the config is loaded, not as a ``KeyError`` when the run starts."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+    except ValueError as err:
+        raise ValueError(
+            f"{err} in {value!r}; the only placeholder is {{name}} (write {{{{ or }}}} for a literal brace)",
+            attribute,
+            None,
+            value,
+        ) from None
+    bad = [f for f in fields if f != "name"]
+    if bad:
+        raise ValueError(f"unknown placeholder {{{bad[0]}}} in {value!r}; use {{name}}", attribute, None, value)
+
+
 def _nonempty(instance: Any, attribute: attrs.Attribute, value: list[str]) -> None:
     if not value:
         raise ValueError("must name at least one modality (what the stream's batches train)", attribute, None, value)
@@ -70,9 +88,9 @@ class RunSection:
     steps: int = attrs.field(default=1000, validator=_v.ge(1))
     batch_size: int = attrs.field(default=64, validator=_v.ge(1))
     grad_accum: int = attrs.field(default=1, validator=_v.ge(1))
-    output_dir: str = "runs/{name}"
+    output_dir: str = attrs.field(default="runs/{name}", validator=_output_dir)
     device: str = "auto"
-    threads: int = attrs.field(default=0, validator=_v.ge(0))  # 0: torch's default
+    threads: int = attrs.field(default=0, validator=_v.ge(0))  # 0: torch's, fewer when others keep cores busy
     tune_allocator: bool = True  # CPU runs: keep freed memory in the process (core.runtime)
 
 
@@ -250,6 +268,7 @@ class RunConfig:
     sampler: SamplerSection = attrs.field(factory=SamplerSection)
     output: OutputSection = attrs.field(factory=OutputSection)
     eval: EvalSection = attrs.field(factory=EvalSection)
+    guard: LoopGuard = attrs.field(factory=LoopGuard)  # what bad steps do (core.loop.LoopGuard)
 
     def __attrs_post_init__(self) -> None:
         if not self.modalities:
@@ -326,6 +345,79 @@ class RunConfig:
     def generated(self) -> list[str]:
         """Every modality some stream generates, in first-seen order."""
         return list(dict.fromkeys(m for st in self.streams for m in st.generate))
+
+
+# ----------------------------------------------------------------------------- resuming
+
+# What ``train --resume RUN --set KEY=VALUE`` may change, and it takes effect: how long to
+# train and on what, the learning-rate schedule (the peak ``lr`` too: the NaN error's hint is
+# to resume with a lower one), gradient clipping, what the run writes, how it samples and
+# evaluates, what bad steps do. Everything else (model, modalities, streams, objective, EMA,
+# seed, batch, AdamW's betas/eps/weight_decay/fused) is what the checkpoint's weights,
+# optimiser moments and data position mean; changing it is a new run.
+RESUMABLE = (
+    "run.name",
+    "run.steps",
+    "run.threads",
+    "run.device",
+    "run.tune_allocator",
+    "optimizer.lr",
+    "optimizer.warmup_steps",
+    "optimizer.schedule",
+    "optimizer.final_lr_fraction",
+    "optimizer.grad_clip",
+    "output",
+    "sampler",
+    "eval",
+    "guard",
+)
+RESUMABLE_TEXT = (
+    "run.steps/threads/device/name/tune_allocator, optimizer.lr/warmup_steps/schedule/final_lr_fraction/grad_clip, "
+    "output.*, sampler.*, eval.* and guard.*"
+)
+_UNSET = "<unset>"
+
+
+def _flat(value: Any, key: str = "") -> dict[str, Any]:
+    """Dotted keys (``streams[0].dataset``) of plain config data -> their values."""
+    if isinstance(value, dict) and value:
+        return {k: v for name, item in value.items() for k, v in _flat(item, f"{key}.{name}" if key else name).items()}
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{key}[{i}]").items()}
+    return {key: value}
+
+
+def changed_keys(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """Every dotted key whose value differs between two configs: ``{key: (old, new)}``."""
+    a, b = _flat(unstructure(old)), _flat(unstructure(new))
+    keys = list(dict.fromkeys([*a, *b]))
+    return {k: (a.get(k, _UNSET), b.get(k, _UNSET)) for k in keys if a.get(k, _UNSET) != b.get(k, _UNSET)}
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is None or value == _UNSET else repr(value)
+
+
+def resumable(key: str) -> bool:
+    return any(key == r or key.startswith((f"{r}.", f"{r}[")) for r in RESUMABLE)
+
+
+def check_resume(recorded: RunConfig, new: RunConfig, *, source: str) -> list[str]:
+    """The keys a resumed run changes (all in ``RESUMABLE``); a ``ConfigError`` naming the
+    others when any differ from what the checkpoint recorded (``source`` names it)."""
+    changed = changed_keys(recorded, new)
+    frozen = [k for k in changed if not resumable(k)]
+    if frozen:
+        names = ", ".join(f"'{k}'" for k in frozen[:3]) + (f" and {len(frozen) - 3} more" if len(frozen) > 3 else "")
+        shown = "; ".join(
+            f"{k}: {_shown(changed[k][0])} in the checkpoint, {_shown(changed[k][1])} now" for k in frozen[:3]
+        )
+        raise ConfigError(
+            f"config key{'s' if len(frozen) > 1 else ''} {names} cannot change on resume ({shown}; {source}); "
+            "keep the checkpoint's values, or start a new run (without --resume, a new --out). "
+            f"On resume only {RESUMABLE_TEXT} may change"
+        )
+    return list(changed)
 
 
 # ----------------------------------------------------------------------------- the short form and old files
@@ -459,7 +551,14 @@ def load_config_file(path: str | Path, overrides: list[str] | None = None) -> Ru
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    return load_config(path.read_text(), overrides, source=str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file {path} is not a TOML file: it is not UTF-8 text ({err.reason} at byte {err.start}); "
+            "give a run config written in TOML"
+        ) from None
+    return load_config(text, overrides, source=str(path))
 
 
 def to_toml(config: RunConfig) -> str:

@@ -1,7 +1,9 @@
 """Typed registries: name -> entry (factory, config class, one-line doc, the plugin that added it).
 
 Names are namespaced ``modality/name`` (``image/patch``, ``audio/encodec``). A duplicate
-name raises and names both plugins; an unknown name raises and lists the closest matches.
+name raises and names both plugins (through a plugin's ``Register`` the later one's entry is
+refused instead, and the rest of that plugin stays); an unknown name raises and lists the
+closest matches.
 """
 
 from __future__ import annotations
@@ -60,12 +62,15 @@ class Registry(Generic[T]):
         if config_cls is not None and not attrs.has(config_cls):
             raise TypeError(f"{self.kind} {name!r}: config_cls must be an attrs class, got {config_cls!r}")
         if name in self._entries:
-            other = self._entries[name].plugin
             raise RegistryError(
-                f"{self.kind} {name!r} is registered twice: by plugin {other!r} and by plugin {plugin!r}; "
-                "rename one of them or block a plugin with SELFFLOW_BLOCK_PLUGINS"
+                f"{self.clash(name, plugin)}; rename one of them or block a plugin with SELFFLOW_BLOCK_PLUGINS"
             )
         self._entries[name] = Entry(name=name, factory=factory, config_cls=config_cls, doc=doc.strip(), plugin=plugin)
+
+    def clash(self, name: str, plugin: str) -> str:
+        """What is wrong when ``plugin`` adds ``name`` a second time (``name`` must be registered)."""
+        owner = self._entries[name].plugin
+        return f"{self.kind} {name!r} is registered twice: by plugin {owner!r} and by plugin {plugin!r}"
 
     def get(self, name: str) -> Entry[T]:
         try:
@@ -105,13 +110,24 @@ class Registry(Generic[T]):
 @attrs.define
 class Register:
     """Handed to a plugin's hook: ``register.add(name, factory, config_cls, doc)`` adds an
-    entry attributed to that plugin. Nothing registers itself on import."""
+    entry attributed to that plugin. Nothing registers itself on import.
+
+    A name another plugin registered earlier is *refused*, not raised: the earlier plugin keeps
+    it (built-ins register first, so a built-in always keeps its names), ``refused`` records
+    one line per refused entry, and the hook carries on, so one clash never costs the plugin
+    its other entries. The plugin manager reports each refusal by the newcomer's name (a
+    warning, or an error in strict mode)."""
 
     registry: Registry[Any]
     plugin: str
     added: list[str] = attrs.field(factory=list)
+    refused: list[str] = attrs.field(factory=list)
 
     def add(self, name: str, factory: Callable[..., Any], config_cls: type | None = None, doc: str = "") -> None:
+        if name in self.registry:
+            owner = self.registry.get(name).plugin
+            self.refused.append(f"{self.registry.clash(name, self.plugin)}; {owner!r} keeps it, this entry was refused")
+            return
         self.registry.add(name, factory, config_cls, doc, plugin=self.plugin)
         self.added.append(name)
 

@@ -10,7 +10,7 @@ import torch
 
 from selfflow.core import distributed
 from selfflow.core.distributed import Shard
-from selfflow.core.runtime import tune_cpu_allocator
+from selfflow.core.runtime import default_threads, tune_cpu_allocator
 from selfflow.registry.config import RunSection
 
 
@@ -23,12 +23,17 @@ def pick_device(spec: str) -> torch.device:
 def setup_process(run: RunSection, device: str | None = None) -> tuple[Shard, torch.device]:
     """Join the torchrun group (if any), pick the device (``device`` overrides
     ``run.device``), set torch's threads and the CPU allocator tuning, seed torch's global
-    RNG from ``run.seed`` (the model's initialisation draws from it)."""
+    RNG from ``run.seed`` (the model's initialisation draws from it).
+
+    ``run.threads = 0`` keeps torch's count, lowered to the cores other processes leave
+    free (``core.runtime.default_threads``: measured once per process, never raised);
+    torchrun's ranks keep what torchrun gave them."""
     shard, dev = distributed.init_distributed(device or (None if run.device == "auto" else run.device))
     if device is None and run.device == "auto":
         dev = pick_device("auto") if shard.world == 1 else dev
-    if run.threads:
-        torch.set_num_threads(run.threads)
+    threads = run.threads or (default_threads(torch.get_num_threads()) if shard.world == 1 else 0)
+    if threads and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
     if run.tune_allocator and dev.type == "cpu":
         tune_cpu_allocator()
     torch.manual_seed(run.seed)

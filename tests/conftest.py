@@ -6,6 +6,10 @@ modules cannot import from this file).
 
 from __future__ import annotations
 
+import selfflow  # noqa: F401 - first: it sets OpenMP's spin count before torch loads (core/runtime.py)
+
+# isort: split
+
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 

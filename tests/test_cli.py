@@ -91,6 +91,13 @@ def test_eval_writes_numbers_with_their_protocol(tmp_path, monkeypatch, capsys):
     assert (
         out / "config.toml"
     ).read_text() == recorded  # evaluating with another sampler rewrites nothing the run recorded
+    # each protocol has its own report (eval_step_N-<protocol hash>); eval_step_N is the latest
+    keyed = sorted((out / "eval").glob("eval_step_0000002-*.json"))
+    assert len(keyed) == 2 and {json.loads(p.read_text())["protocol"]["sampler"] for p in keyed} == {
+        "ode/euler",
+        "ode/heun",
+    }
+    assert json.loads((out / "eval" / "eval_step_0000002.json").read_text())["protocol"]["sampler"] == "ode/heun"
     assert cli.main(["eval", str(out), "--metric", "fid"]) == 2
     assert "did you mean 'fd'" in capsys.readouterr().err
     # a reference network is not a metric: a clear error, not a crash

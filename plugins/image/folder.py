@@ -23,7 +23,7 @@ from pathlib import Path
 import attrs
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from selfflow.plugins.protocols import Example
 
@@ -125,6 +125,37 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
     return np.array(im, dtype=np.uint8).reshape(size, size, channels).transpose(2, 0, 1)
 
 
+# file signatures of media that are not images (a user's folder may hold a renamed clip)
+_NOT_IMAGES = (
+    (0, b"RIFF", 8, b"WAVE", "a WAV audio file"),
+    (0, b"RIFF", 8, b"AVI ", "an AVI video file"),
+    (4, b"ftyp", 4, b"ftyp", "an MP4/MOV video file"),
+    (0, b"OggS", 0, b"OggS", "an Ogg audio/video file"),
+    (0, b"fLaC", 0, b"fLaC", "a FLAC audio file"),
+    (0, b"ID3", 0, b"ID3", "an MP3 audio file"),
+    (0, b"\x1aE\xdf\xa3", 0, b"\x1aE\xdf\xa3", "a WebM/MKV video file"),
+    (0, b"%PDF", 0, b"%PDF", "a PDF document"),
+)
+
+
+def _why(path: Path, err: Exception) -> str:
+    """Why ``path`` did not decode, in words a user can act on: an empty file, a video or
+    audio file under an image extension, else Pillow's own reason."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as read_err:
+        return f"{type(read_err).__name__}: {read_err}"
+    if not head:
+        return "empty file (0 bytes)"
+    for at, magic, at2, magic2, kind in _NOT_IMAGES:
+        if head[at : at + len(magic)] == magic and head[at2 : at2 + len(magic2)] == magic2:
+            return f"{kind}, not an image"
+    if isinstance(err, UnidentifiedImageError):  # its text repeats the path and says no more
+        return f"not an image Pillow can decode (the file starts with {head[:8]!r})"
+    return f"{type(err).__name__}: {err}"
+
+
 def _listing(items: list[tuple[Path, str]]) -> str:
     lines = [f"  {p}: {reason}" for p, reason in items[:_LISTED]]
     if len(items) > _LISTED:
@@ -153,7 +184,8 @@ class FolderDataset:
             )
         if len(files) < 2:
             raise ValueError(
-                f"image folder {str(self.root)!r} has {len(files)} image; a train/eval split needs at least 2"
+                f"image folder {str(self.root)!r} has {len(files)} image; a train/eval split needs at least 2: "
+                "add images to it"
             )
 
         order = np.random.default_rng(seed).permutation(len(files))
@@ -165,11 +197,11 @@ class FolderDataset:
             try:
                 pixels.append(load_image(files[i], config.size, config.channels))
             except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... per format
-                reason = f"{type(err).__name__}: {err}"
+                reason = _why(files[i], err)
                 if config.on_error == "raise":
                     raise UnreadableImageError(
-                        f"cannot read image {str(files[i])!r} ({reason}); delete or fix the file, "
-                        'or set image/folder on_error = "skip" to leave unreadable files out'
+                        f"cannot read image {str(files[i])!r} ({reason}); delete or replace the file, "
+                        'or set on_error = "skip" in the image/folder dataset_options to leave unreadable files out'
                     ) from err
                 skipped.append((files[i], reason))
                 continue
@@ -183,8 +215,11 @@ class FolderDataset:
                 stacklevel=2,
             )
         if not kept:
+            path, reason = skipped[0]
             raise ValueError(
-                f"no image of the {split} split of {str(self.root)!r} could be read (see the warning above)"
+                f"no image of the {split} split of {str(self.root)!r} could be read: all {len(skipped)} failed "
+                f"(e.g. {path.name!r}: {reason}); replace them with PNG/JPEG images, or set image/folder path "
+                "to another folder"
             )
         self.files = tuple(files[i] for i in kept)
         self.images = torch.from_numpy(np.stack(pixels))

@@ -96,15 +96,16 @@ class CharTokenizer:
         """Token ids of one string; unknown characters per ``on_unknown``."""
         if len(text) > self.config.max_len:
             raise ValueError(
-                f"text {text!r} has {len(text)} characters but max_len is {self.config.max_len}; "
-                "raise text/chars max_len or shorten the text"
+                f"text {text!r} has {len(text)} characters but max_len is {self.config.max_len}; set "
+                f"max_len = {len(text)} or more in the text/chars tokenizer_options ([modalities.{self.modality}]), "
+                "or shorten the text"
             )
         ids = [self.index.get(c, self.unknown_id) for c in text]
         if self.config.on_unknown == "raise" and self.unknown_id in ids:
             missing = sorted({c for c in text if c not in self.index})
             raise ValueError(
-                f"text {text!r} has characters {missing} outside the alphabet; add them to "
-                'text/chars alphabet or set on_unknown = "map"'
+                f"text {text!r} has characters {missing} outside the alphabet; add them to alphabet in the "
+                f'text/chars tokenizer_options ([modalities.{self.modality}]), or set on_unknown = "map" there'
             )
         return ids
 
@@ -114,6 +115,8 @@ class CharTokenizer:
                 f"text/chars encodes a list of strings, got {type(media).__name__}; wrap one string as [text]"
             )
         b, n = len(media), self.config.max_len
+        if media and max(map(len, media)) > n:  # name the longest, so one fix covers the whole batch
+            self.ids(max(media, key=len))
         ids = torch.zeros(b, n, dtype=torch.long)
         valid = torch.zeros(b, n, dtype=torch.bool)
         for row, text in enumerate(media):

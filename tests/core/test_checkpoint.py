@@ -149,3 +149,33 @@ def test_rng_state_round_trip():
     ckpt.restore_rng(json.loads(json.dumps(state)), g)
     b = (torch.rand(3), torch.rand(3, generator=g))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_a_checkpoint_of_another_model_is_one_short_line(tmp_path):
+    import attrs
+
+    run = build(tmp_path, "narrow")
+    run.train(until=3)
+    wide = build(tmp_path, "wide", ["model.width=64"])
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.load_checkpoint(tmp_path / "narrow", wide.state)
+    message = str(err.value)
+    assert "model.safetensors does not fit this model" in message and "tensors differ in shape" in message
+    assert "\n" not in message and len(message) < 500  # not torch's list of every tensor
+    with pytest.raises(ckpt.CheckpointError, match=r"another model \(width 32 in the checkpoint, 64 here\)"):
+        ckpt.check_model(tmp_path / "narrow", attrs.asdict(wide.teacher.cfg))
+    ckpt.check_model(tmp_path / "narrow", attrs.asdict(run.teacher.cfg))  # its own model passes
+
+
+def test_a_quick_look_at_the_state_still_checks_it(tmp_path):
+    run = build(tmp_path, "look")
+    run.train(until=3)
+    good = ckpt.latest_checkpoint(tmp_path / "look" / "checkpoints")
+    assert ckpt.read_state(good, full=False)["step"] == 3
+    edited = tmp_path / "edited"
+    shutil.copytree(good, edited)
+    state = json.loads((edited / "state.json").read_text())
+    state["step"] = 99
+    (edited / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ckpt.CheckpointError, match="state.json is missing or does not match its sha256"):
+        ckpt.read_state(edited, full=False)

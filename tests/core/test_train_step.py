@@ -1,8 +1,9 @@
-"""One training step: update, clipping, EMA follow-up, and refusal of non-finite losses."""
+"""One training step: update, clipping, EMA follow-up, refusal of non-finite losses and spikes, Ctrl-C."""
 
 from __future__ import annotations
 
 import math
+import signal
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from selfflow.core.distill import EMAConfig, EMATeacher
 from selfflow.core.model import FlowTransformer, ModelConfig
 from selfflow.core.objectives import SelfFlow
 from selfflow.core.timesteps import DualTimestepScheduler
-from selfflow.core.train_step import NonFiniteLossError, TrainState, train_step
+from selfflow.core.train_step import BadStepError, LossSpikeError, NonFiniteLossError, TrainState, train_step
 from selfflow.core.types import LossBreakdown
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -116,7 +117,7 @@ def test_nan_loss_raises_and_changes_nothing(make_batch, gen):
     assert _same(before, _snapshot(state)) and state.step == 1
     opt_after = [v for s in state.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     assert all(torch.equal(a, b) for a, b in zip(opt_before, opt_after))
-    assert all(p.grad is None for p in state.model.parameters())  # nothing was back-propagated
+    assert all(p.grad is None for p in state.model.parameters())  # no gradient is left behind
 
 
 def test_nan_tokens_raise(make_batch, gen):
@@ -140,6 +141,77 @@ def test_non_finite_gradient_raises_and_changes_nothing(make_batch, gen):
         train_step(state, batch, generator=gen)
     assert _same(before, _snapshot(state)) and state.step == 0
     assert all(p.grad is None for p in state.model.parameters())
+
+
+def test_a_refusal_names_the_step_and_the_component(make_batch, gen):
+    state = _state()
+    batch = make_batch(SPECS, batch=2, num_classes=3)
+    x = batch.segments[1].tokens.clone()
+    x[0, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match=r"^loss is nan at step 0 \(flow/image is nan; ") as info:
+        train_step(state, batch.with_tokens([batch.segments[0].tokens, x]), generator=gen)
+    err = info.value
+    assert isinstance(err, BadStepError) and isinstance(err, FloatingPointError)
+    assert (err.step, err.component, err.checkpoint) == (0, "flow/image", None) and math.isnan(err.value)
+    assert set(err.losses) == {"loss", "flow", "representation", "flow/image"}
+    assert "\n" not in str(err)
+    state.objective = _InfGradObjective()
+    with pytest.raises(NonFiniteLossError) as info:
+        train_step(state, batch, generator=gen)
+    assert info.value.component == "gradient norm" and not math.isfinite(info.value.value)
+
+
+def test_a_bad_second_micro_batch_drops_the_first_ones_gradients(make_batch, gen):
+    state = _state()
+    good = make_batch(SPECS, batch=2, num_classes=3, seed=1)
+    x = good.segments[1].tokens.clone()
+    x[1, 2, 0] = float("nan")
+    bad = good.with_tokens([good.segments[0].tokens, x])
+    before = _snapshot(state)
+    with pytest.raises(NonFiniteLossError, match="at step 0"):
+        train_step(state, [good, bad], generator=gen)
+    assert _same(before, _snapshot(state)) and state.step == 0
+    assert all(p.grad is None for p in state.trainable_parameters())
+    assert int(state.teacher.num_updates) == 0 and not state.optimizer.state
+
+
+def test_a_loss_above_max_loss_is_refused_like_a_non_finite_one(make_batch):
+    batch = make_batch(SPECS, batch=2, num_classes=3)
+    probe = train_step(_state(), batch, generator=torch.Generator().manual_seed(3))
+    assert probe.global_loss == float(probe.losses.total)  # one process: this rank's loss
+    state = _state()
+    state.lr_schedule = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lambda step: 0.5**step)
+    before = _snapshot(state)
+    with pytest.raises(LossSpikeError, match=r"^loss spike at step 0: loss \S+ is above the limit 0\.5 .*no update"):
+        train_step(state, batch, generator=torch.Generator().manual_seed(3), max_loss=0.5)
+    assert _same(before, _snapshot(state)) and state.step == 0 and state.lr_schedule.last_epoch == 0
+    assert all(p.grad is None for p in state.trainable_parameters())
+    # at or below the limit the step is applied, with the numbers of a step without one
+    result = train_step(state, batch, generator=torch.Generator().manual_seed(3), max_loss=probe.global_loss)
+    assert result.losses.detached() == probe.losses.detached() and state.step == 1
+
+
+class _InterruptingSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """Ctrl-C arrives while the update is being applied (after the optimiser step)."""
+
+    def step(self, epoch=None):
+        if getattr(self, "armed", False):
+            signal.raise_signal(signal.SIGINT)
+        super().step(epoch)
+
+
+def test_ctrl_c_during_the_update_is_held_until_the_update_is_whole(make_batch, gen):
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    state = _state()
+    state.lr_schedule = _InterruptingSchedule(state.optimizer, lambda step: 1.0)
+    state.lr_schedule.armed = True
+    batch = make_batch(SPECS, batch=2, num_classes=3)
+    with pytest.raises(KeyboardInterrupt):
+        train_step(state, batch, generator=gen)
+    # the whole update was applied: schedule, teacher and step count agree with the optimiser
+    assert state.step == 1 and state.lr_schedule.last_epoch == 1 and int(state.teacher.num_updates) == 1
+    assert {int(s["step"]) for s in state.optimizer.state.values()} == {1}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
 
 
 def test_micro_batches_accumulate_the_mean_gradient(make_batch):

@@ -276,6 +276,73 @@ def test_builtins_register_first_and_keep_their_names(tmp_path, monkeypatch):
     assert host.plugins["image"].error is None and host.plugins["clashplug"].error
 
 
+MIXED = """
+from selfflow.plugins import hookimpl
+
+@hookimpl
+def selfflow_register_datasets(register):
+    register.add("image/mnist", lambda config, *, split, seed: None, None, "a clash with the built-in image plugin")
+    register.add("toy/other", lambda config, *, split, seed: None, None, "registered after the clash")
+
+@hookimpl
+def selfflow_register_runs(register):
+    register.add("debug", lambda config: "", None, "a clash with the built-in recipes plugin")
+    register.add("toy/mixed", lambda config: "", None, "registered after the clash")
+"""
+
+
+def test_a_clash_refuses_only_that_entry_and_names_the_newcomer(tmp_path, monkeypatch, capsys):
+    baseline, _ = compose.load_registries()
+    install(tmp_path, monkeypatch, "mixplug", MIXED)
+    with pytest.warns(PluginWarning) as caught:
+        regs, host = compose.load_registries()
+    for kind, reg in baseline.kinds().items():  # every built-in entry stays, with its owner
+        assert {e.name: e.plugin for e in regs.kinds()[kind] if e.plugin != "mixplug"} == {
+            e.name: e.plugin for e in reg
+        }, kind
+    assert regs.datasets.get("image/mnist").plugin == "image" and regs.runs.get("debug").plugin == "recipes"
+    assert regs.runs.get(compose.DEFAULT_RUN).plugin == "recipes"
+    assert regs.datasets.get("toy/other").plugin == "mixplug" and regs.runs.get("toy/mixed").plugin == "mixplug"
+
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2 and all(m.startswith("selfflow plugin 'mixplug' (mixplug): ") for m in messages)
+    assert "dataset 'image/mnist' is registered twice: by plugin 'image' and by plugin 'mixplug'" in messages[0]
+    assert "run 'debug' is registered twice: by plugin 'recipes' and by plugin 'mixplug'" in messages[1]
+    assert all("'mixplug' keeps" not in m and "SELFFLOW_BLOCK_PLUGINS=mixplug" in m for m in messages)
+    info = host.plugins["mixplug"]
+    assert info.registered == {"datasets": ["toy/other"], "runs": ["toy/mixed"]}
+    assert len(info.refused) == 2 and "image/mnist" in info.refused[0] and "'debug'" in info.refused[1]
+    assert info.error and "register datasets: dataset 'image/mnist'" in info.error and "run 'debug'" in info.error
+    assert all(host.plugins[n].error is None and not host.plugins[n].refused for n in BUILTINS)
+
+    with pytest.warns(PluginWarning):
+        assert cli.main(["plugins", "list"]) == 0
+    blocks: dict[str, list[str]] = {}
+    for line in capsys.readouterr().out.splitlines():  # "NAME VERSION (...)" then indented lines
+        if not line.startswith(" "):
+            blocks[line.split()[0]] = []
+        else:
+            blocks[list(blocks)[-1]].append(line.strip())
+    assert not any(line.startswith("ERROR") for line in blocks["image"] + blocks["recipes"])  # never the built-in
+    assert "datasets: toy/other" in blocks["mixplug"]
+    assert any(line.startswith("ERROR: register datasets: dataset 'image/mnist'") for line in blocks["mixplug"])
+
+
+def test_strict_mode_makes_a_clash_the_newcomers_error(tmp_path, monkeypatch):
+    install(tmp_path, monkeypatch, "mixplug", MIXED)
+    monkeypatch.setenv("SELFFLOW_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginLoadError) as err:
+        compose.load_registries()
+    message = str(err.value)
+    assert message.startswith("selfflow plugin 'mixplug' (mixplug): dataset 'image/mnist' is registered twice")
+    assert "SELFFLOW_STRICT_PLUGINS is set" in message and "SELFFLOW_BLOCK_PLUGINS=mixplug" in message
+    assert "\n" not in message and "plugin 'image' failed" not in message
+    # strict mode has nothing to report without the newcomer: the built-ins never clash
+    monkeypatch.setenv("SELFFLOW_BLOCK_PLUGINS", "mixplug")
+    regs, host = compose.load_registries()
+    assert regs.datasets.get("image/mnist").plugin == "image" and "mixplug" not in host.plugins
+
+
 def test_every_hookspec_is_documented():
     for name in hookspecs.HOOKS:
         fn = getattr(hookspecs, name)

@@ -16,8 +16,22 @@ def test_duplicate_names_name_both_plugins():
     reg = Registry("dataset")
     Register(reg, "alpha").add("image/foo", lambda c: c, Opts, "one")
     with pytest.raises(RegistryError) as err:
-        Register(reg, "beta").add("image/foo", lambda c: c, Opts, "two")
+        reg.add("image/foo", lambda c: c, Opts, "two", plugin="beta")
     assert "'alpha'" in str(err.value) and "'beta'" in str(err.value)
+
+
+def test_a_plugins_register_refuses_a_taken_name_and_keeps_going():
+    reg = Registry("dataset")
+    Register(reg, "alpha").add("image/foo", lambda c: c, Opts, "one")
+    beta = Register(reg, "beta")
+    beta.add("image/foo", lambda c: c, Opts, "two")
+    beta.add("image/bar", lambda c: c, Opts, "three")
+    assert reg.get("image/foo").plugin == "alpha" and reg.get("image/foo").doc == "one"
+    assert reg.get("image/bar").plugin == "beta" and beta.added == ["image/bar"]
+    assert beta.refused == [
+        "dataset 'image/foo' is registered twice: by plugin 'alpha' and by plugin 'beta'; "
+        "'alpha' keeps it, this entry was refused"
+    ]
 
 
 def test_unknown_names_list_the_closest():

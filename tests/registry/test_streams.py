@@ -299,3 +299,46 @@ def test_variable_length_items_are_padded_with_valid_masks_and_cached_on_disk(tm
             return None
 
     assert encoding_key(_Ragged(), {"seq": Uncached()}, labels=False) is None
+
+
+def test_sampling_takes_conditions_by_modality_and_returns_every_generated_segment(
+    tmp_path, monkeypatch, single_thread
+):
+    """``condition={modality: media}`` gives a segment clean: image -> text on the reading
+    stream, and text -> image (the other way round) on the same model."""
+    from selfflow.registry.sampling import sample
+
+    monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path / "cache"))
+    run = compose.build_run(load_config(TWO, ["run.steps=1"]), out_dir=tmp_path / "r")
+    glyphs = run.streams["reading"].train
+    images = torch.stack([glyphs[i].media["image"] for i in range(3)])
+    out = sample(run, n=3, stream="reading", condition={"image": images}, seed=0)
+    assert list(out) == ["text"] and len(out["text"]) == 3 and all(isinstance(t, str) for t in out["text"])
+    # every segment given: nothing to sample, a clear error
+    with pytest.raises(ValueError, match="nothing to sample"):
+        sample(run, n=2, stream="reading", condition={"text": ["ab", "cd"], "image": images[:2]}, seed=0)
+    # the reverse on the same model: text given, the image generated
+    st = run.streams["reading"]
+    rev = attrs_evolve_stream(st, generate=["image"], condition=["text"])
+    run.streams["reading-rev"] = rev
+    out = sample(run, n=2, stream="reading-rev", condition={"text": ["ab", "cd"]}, seed=0)
+    assert list(out) == ["image"] and out["image"].shape == (2, 1, 16, 16)
+    with pytest.raises(ValueError, match="condition on 'audio': the model knows"):
+        sample(run, n=2, stream="reading", condition={"audio": torch.zeros(2, 1, 8)}, seed=0)
+
+
+def attrs_evolve_stream(stream, **changes):
+    import attrs
+
+    return attrs.evolve(stream, name=stream.name + "-rev", config=attrs.evolve(stream.config, **changes))
+
+
+def test_logged_rows_average_each_modality_over_the_steps_that_have_it(tmp_path, monkeypatch, single_thread):
+    """A logging window mixes steps of both streams: each per-modality key is the mean over
+    the steps that drew it (no KeyError when the rows carry different keys)."""
+    monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path / "cache"))
+    run = compose.build_run(load_config(TWO, ["output.log_every=3", "output.samples=false"]), out_dir=tmp_path / "r")
+    run.train()
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6]
+    assert any("flow/image" in r and "flow/text" in r for r in rows)  # a window with both streams
