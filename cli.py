@@ -183,7 +183,7 @@ def _bad_step_hint(err: Any, lr: float, device: str | None) -> str:
 
 
 def _check_device(device: str | None) -> None:
-    from selfflow.registry.compose import device_problem
+    from selfflow.registry.setup import device_problem
 
     problem = None if device is None else device_problem(device)
     if problem:

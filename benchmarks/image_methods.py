@@ -189,9 +189,9 @@ def reeval_one(
         ckpt = checkpoint(source, step)
         cfg = recorded_config(ckpt, ["output.progress=false", *extra])
         if run is None or cfg != run.config:  # checkpoints of one run record one config
-            run = build_run(cfg, resume=ckpt, out_dir=out / method / f"seed{seed}", record=False)
+            run = build_run(cfg, resume=ckpt, out_dir=out / method / f"seed{seed}", read_only=True)
         else:
-            run.loop.resume(ckpt)
+            run.loop.resume(ckpt, read_only=True)
         report = score(run, profile, seed, probe=False)
         rows.append({"step": step, **image_results(report)})
         print(

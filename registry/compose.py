@@ -43,7 +43,7 @@ from selfflow.registry.config import (
 from selfflow.registry.registry import Register, Registries, RegistryError
 from selfflow.registry.run import Run, RunDirectory, Stream, plan_directory, run_dir_of
 from selfflow.registry.setup import cache_dir as default_cache_dir
-from selfflow.registry.setup import setup_process
+from selfflow.registry.setup import device_problem, setup_process
 
 DEFAULT_RUN = "image/mnist-selfflow"
 
@@ -80,24 +80,6 @@ def resolve_config(
         return load_config_file(name, overrides)
     text = regs.runs.build(name)
     return load_config(text, overrides, source=f"run {name!r}")
-
-
-def device_problem(spec: str) -> str | None:
-    """What is wrong with a device string here (``None``: nothing): not a torch device, or a
-    CUDA device this machine does not have."""
-    if spec == "auto":
-        return None
-    try:
-        dev = torch.device(spec)
-    except (RuntimeError, ValueError):
-        return f"{spec!r} is not a torch device; use cpu, cuda, cuda:N (or run.device = 'auto')"
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            return f"{spec!r} is not available: this machine (or torch build) has no CUDA device; use cpu or 'auto'"
-        if (dev.index or 0) >= n:
-            return f"{spec!r} is not available: this machine has cuda:0..cuda:{n - 1}"
-    return None
 
 
 def check_names(regs: Registries, cfg: RunConfig) -> None:
@@ -164,7 +146,6 @@ def build_run(
     out_dir: str | Path | None = None,
     read_only: bool = False,
     overwrite: bool = False,
-    record: bool = True,
 ) -> Run:
     """Compose tokenizers, streams (datasets, encoded tokens, condition rules), model, EMA
     teacher, objective, optimiser, data source, sampler, writers and callbacks from
@@ -176,13 +157,12 @@ def build_run(
     cut), resuming into another ``out_dir`` is a branch that leaves the source run as it
     was. Every refusal comes before any work, every write after the run is composed.
 
-    ``read_only`` (sampling, evaluation; ``record=False`` is its older name): the
+    ``read_only`` (sampling, evaluation): the
     checkpoint is restored without touching a file, no directory is checked or written,
     and ``config.toml`` is not rewritten, so their overrides (another sampler, say) never
     change what the run recorded."""
     regs = registries or default_registries()
     cfg = config
-    read_only = read_only or not record
     check_names(regs, cfg)
     problem = None if device is not None else device_problem(cfg.run.device)
     if problem:

@@ -20,6 +20,24 @@ def pick_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
+def device_problem(spec: str) -> str | None:
+    """What is wrong with a device string here (``None``: nothing): not a torch device, or a
+    CUDA device this machine does not have."""
+    if spec == "auto":
+        return None
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        return f"{spec!r} is not a torch device; use cpu, cuda, cuda:N (or run.device = 'auto')"
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            return f"{spec!r} is not available: this machine (or torch build) has no CUDA device; use cpu or 'auto'"
+        if (dev.index or 0) >= n:
+            return f"{spec!r} is not available: this machine has cuda:0..cuda:{n - 1}"
+    return None
+
+
 def setup_process(run: RunSection, device: str | None = None) -> tuple[Shard, torch.device]:
     """Join the torchrun group (if any), pick the device (``device`` overrides
     ``run.device``), set torch's threads and the CPU allocator tuning, seed torch's global
