@@ -1,5 +1,40 @@
-"""The built-in ``audio`` plugin (optional extra ``selfflow[audio]``)."""
+"""The built-in ``audio`` plugin (optional extra ``selfflow[audio]``): audio tokenizers
+(``audio/frames``, ``audio/mel``, ``audio/mel-vae``, ``audio/encodec``), datasets
+(``audio/spoken-digits``, ``audio/tones``, ``audio/folder``), the WAV + spectrogram writer,
+the audio reference network and audio metrics.
+
+Media convention: an audio batch is ``(B, channels, samples)`` float in [-1, 1]; a dataset
+item's ``media["audio"]`` is ``(channels, samples)`` with ``channels = 1`` (files are mixed
+down to mono). soundfile, soxr, PyAV and encodec are imported lazily by one module each
+(``io.py`` for soundfile and PyAV's audio decoding, ``resample.py`` for soxr), so
+registering this plugin needs none of them. ``docs/audio.md`` documents every option.
+"""
 
 from __future__ import annotations
 
 from selfflow.plugins.hookspecs import hookimpl
+
+
+@hookimpl
+def selfflow_register_tokenizers(register) -> None:
+    del register  # audio/frames, audio/mel, audio/mel-vae: added with their modules
+
+
+@hookimpl
+def selfflow_register_datasets(register) -> None:
+    del register  # audio/spoken-digits, audio/tones, audio/folder: added with their modules
+
+
+@hookimpl
+def selfflow_register_writers(register) -> None:
+    del register  # "audio": added with plugins/audio/writer.py
+
+
+@hookimpl
+def selfflow_register_references(register) -> None:
+    del register
+
+
+@hookimpl
+def selfflow_register_metrics(register) -> None:
+    del register
