@@ -146,6 +146,40 @@ def check_mask_ratio(name: str, ratio: float) -> float:
     return float(ratio)
 
 
+MASK_UNITS = ("token", "frame")
+
+
+def check_mask_unit(name: str, unit: str) -> str:
+    """The one check of a mask unit (the scheduler's and the run config's)."""
+    if unit not in MASK_UNITS:
+        raise ValueError(
+            f"mask unit for {name!r} is {unit!r}; use 'token' (each token drawn alone, the paper's) "
+            "or 'frame' (every token of a time step shares one draw)"
+        )
+    return unit
+
+
+def _check_units(instance: object, attribute: attrs.Attribute, value: str | Mapping[str, str]) -> None:
+    units = value.items() if isinstance(value, Mapping) else [("*", value)]
+    for name, u in units:
+        check_mask_unit(name, u)
+
+
+def frame_leaders(positions: Tensor) -> Tensor:
+    """``(B, N)``: for each token, the index of the first token of its sample with the same
+    time position ``t`` (``positions[..., 0]``): the token whose draw the whole frame shares.
+
+    O(B N): ``t`` values are mapped to frame ids with one ``unique`` over the batch and the
+    smallest token index of each (sample, frame) is found with ``scatter_reduce``.
+    """
+    b, n = positions.shape[:2]
+    _, frame = torch.unique(positions[..., 0], return_inverse=True)
+    order = torch.arange(n, device=positions.device).expand(b, n)
+    first = torch.full((b, int(frame.max()) + 1 if n else 1), n, dtype=torch.long, device=positions.device)
+    first = first.scatter_reduce(1, frame, order, reduce="amin")
+    return first.gather(1, frame)
+
+
 def _check_ratio(instance: object, attribute: attrs.Attribute, value: float | Mapping[str, float]) -> None:
     ratios = value.items() if isinstance(value, Mapping) else [("*", value)]
     for name, r in ratios:
@@ -162,6 +196,11 @@ class DualTimestepScheduler:
       a per-modality mapping; a modality missing from it is not masked). There is no default:
       the ratio is the modality's (a run takes its tokenizer's, the paper's image 0.25, video
       0.10, audio 0.50).
+    - ``mask_unit`` (a string, or a per-modality mapping; missing: ``"token"``): ``"token"``
+      draws each token alone (the paper's); ``"frame"`` gives every token of one time step
+      (equal ``t`` position: a latent video frame) one shared draw, so a frame is masked whole.
+      Either way a sample draws the same random numbers (one per token; a frame uses its first
+      token's), and the masked fraction of frames, hence of tokens, is ``mask_ratio``.
     - ``dual=False`` gives every generated token ``t`` (plain flow matching's assignment).
     - ``max_gap`` draws ``s`` within ``max_gap`` of ``t`` (the paper's "small gap" ablation);
       ``min_gap`` redraws ``s`` until ``|t - s| >= min_gap``.
@@ -172,6 +211,7 @@ class DualTimestepScheduler:
     # no default: each modality has its own
     mask_ratio: float | Mapping[str, float] = attrs.field(validator=_check_ratio)
     teacher_rule: TeacherRule = attrs.field(factory=MinTeacher)
+    mask_unit: str | Mapping[str, str] = attrs.field(default="token", validator=_check_units)
     dual: bool = True
     min_gap: float | None = None
     max_gap: float | None = None
@@ -188,6 +228,11 @@ class DualTimestepScheduler:
         if isinstance(self.mask_ratio, Mapping):
             return float(self.mask_ratio.get(modality, 0.0))
         return float(self.mask_ratio)
+
+    def unit_for(self, modality: str) -> str:
+        if isinstance(self.mask_unit, Mapping):
+            return str(self.mask_unit.get(modality, "token"))
+        return str(self.mask_unit)
 
     def _draw_s(self, t: Tensor, generator: torch.Generator) -> Tensor:
         b, device = t.shape[0], t.device
@@ -225,6 +270,8 @@ class DualTimestepScheduler:
         for seg in batch.segments:
             ratio = self.ratio_for(seg.modality)
             u = batch_rand((b, seg.num_tokens), generator, device)
+            if self.unit_for(seg.modality) == "frame" and seg.num_tokens:
+                u = u.gather(1, frame_leaders(seg.positions))
             gen = seg.valid_mask() & seg.generated
             parts.append(gen.long() + (gen & (u < ratio)).long())
         index = torch.cat(parts, dim=1)

@@ -124,6 +124,7 @@ def _self_flow(
     scheduler = DualTimestepScheduler(
         time=time_sampler(o),
         mask_ratio=dict(ratios),
+        mask_unit={name: mc.mask_unit for name, mc in cfg.modalities.items()},
         teacher_rule=choose(TEACHER_RULES, "objective.teacher_rule", o.teacher_rule)(o),
         dual=o.dual_timesteps,
         min_gap=o.min_gap,

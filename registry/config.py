@@ -21,7 +21,7 @@ import attrs
 from selfflow.core.distill import EMAConfig
 from selfflow.core.loop import LoopGuard, LoopOutput
 from selfflow.core.objectives import SelfFlowConfig
-from selfflow.core.timesteps import check_mask_ratio
+from selfflow.core.timesteps import MASK_UNITS, check_mask_ratio
 from selfflow.registry.structuring import ConfigError, structure, unstructure
 from selfflow.registry.structuring import to_toml as _to_toml
 
@@ -99,11 +99,15 @@ class ModalityConfig:
     """What the model knows of one modality (``[modalities.NAME]``): its tokenizer, its
     Self-Flow mask ratio (``None``: the tokenizer's default, the paper's image 0.25, video
     0.10, audio 0.50), the weight of its flow loss, and the reference network its media
-    metrics and REPA-style alignment use (``None``: the entry named after the modality)."""
+    metrics and REPA-style alignment use (``None``: the entry named after the modality).
+    ``mask_unit``: ``"token"`` masks tokens independently (the paper's); ``"frame"`` masks whole
+    time steps (every token at one ``t`` position, e.g. a latent video frame, shares a draw)."""
 
     tokenizer: str
     tokenizer_options: dict[str, Any] = attrs.field(factory=dict)
     mask_ratio: float | None = attrs.field(default=None, validator=_mask_ratio)  # core.timesteps.check_mask_ratio
+    # "token" (the paper's) or "frame": every token of one time step shares one mask draw
+    mask_unit: str = attrs.field(default="token", validator=_in(*MASK_UNITS))
     loss_weight: float = attrs.field(default=1.0, validator=_v.ge(0))
     reference: str | None = None
     reference_options: dict[str, Any] = attrs.field(factory=dict)

@@ -14,8 +14,10 @@ from selfflow.core.timesteps import (
     MinTeacher,
     ShiftedTime,
     UniformTime,
+    frame_leaders,
     shift_time,
 )
+from selfflow.core.types import Segment, TokenBatch, grid_positions, time_ticks
 
 # ----------------------------------------------------------------------------- p(t)
 
@@ -244,3 +246,80 @@ def test_time_samplers_use_only_the_explicit_generator(global_rng_untouched):
             a = s.sample(64, generator=torch.Generator().manual_seed(1))
             b = s.sample(64, generator=torch.Generator().manual_seed(1))
             assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- mask unit
+
+
+def _video_batch(batch: int, frames: int = 5, side: int = 4, *, shuffle: bool = False) -> TokenBatch:
+    """Latent-video-like tokens: ``frames`` time steps of ``side x side`` tokens, at the
+    ticks a 10 fps clip's latent frames sit at; ``shuffle`` puts the tokens out of frame order."""
+    pos = grid_positions(frames, side, side, batch=batch).clone()
+    pos[..., 0] = time_ticks(pos[..., 0] * 4, 10.0)
+    if shuffle:
+        pos = pos[:, torch.randperm(pos.shape[1], generator=torch.Generator().manual_seed(1))]
+    n = pos.shape[1]
+    seg = Segment(modality="video", tokens=torch.zeros(batch, n, 2), positions=pos)
+    return TokenBatch(segments=[seg])
+
+
+@pytest.mark.parametrize("unit", ["token", "frame"])
+def test_mask_unit_rate_matches_ratio_over_10000_draws(gen, unit):
+    batch = _video_batch(10_000)
+    sched = DualTimestepScheduler(mask_ratio=0.10, mask_unit={"video": unit})
+    steps = sched(batch, generator=gen)
+    # 10,000 samples: per token SE 0.0003; per frame (5 frames) SE 0.0013 -> +-0.01 is > 7 SE
+    assert abs(float(steps.masked.float().mean()) - 0.10) < 0.01
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_frame_unit_gives_one_level_per_frame(gen, shuffle):
+    batch = _video_batch(512, shuffle=shuffle)
+    steps = DualTimestepScheduler(mask_ratio=0.5, mask_unit="frame")(batch, generator=gen)
+    t_pos = batch.segments[0].positions[..., 0]
+    levels = steps.student.per_token()
+    mixed = 0
+    for frame in t_pos[0].unique():
+        in_frame = t_pos == frame
+        per_frame = steps.masked[in_frame].view(512, -1)
+        assert bool((per_frame == per_frame[:, :1]).all()), "a frame's tokens got different mask draws"
+        lv = levels[in_frame].view(512, -1)
+        assert bool((lv == lv[:, :1]).all())
+        mixed += int(per_frame[:, 0].sum())
+    assert 0 < mixed < 512 * 5  # frames are masked in some samples, not in all
+    # token mode on the same batch mixes levels inside frames
+    tok = DualTimestepScheduler(mask_ratio=0.5, mask_unit="token")(batch, generator=gen)
+    first = t_pos == t_pos[0, 0]
+    assert not bool((tok.masked[first].view(512, -1) == tok.masked[first].view(512, -1)[:, :1]).all())
+
+
+@pytest.mark.parametrize("unit", ["token", "frame"])
+def test_per_token_level_marginal_follows_p_t(gen, unit):
+    """t and s are not sorted, so every token's level is a draw from p(t) whichever unit masks
+    it: a two-sided KS test of per-token levels against the logit-normal CDF."""
+    from scipy import stats
+
+    batch = _video_batch(4000)
+    time = LogitNormalTime()
+    steps = DualTimestepScheduler(time=time, mask_ratio=0.10, mask_unit=unit)(batch, generator=gen)
+    levels = steps.student.per_token()
+    # one token per sample (the masked ones and the others alike): independent draws
+    pick = torch.randint(levels.shape[1], (levels.shape[0],), generator=gen)
+    x = levels[torch.arange(levels.shape[0]), pick].double()
+    z = torch.logit(x.clamp(1e-12, 1 - 1e-12))
+    result = stats.kstest(((z - time.mean) / time.std).numpy(), "norm")
+    assert result.pvalue > 0.01, result
+    # and the masked tokens alone (level s) follow it too
+    sel = steps.masked.any(1)
+    s_tok = steps.student.levels[sel, 2].double()
+    z = torch.logit(s_tok.clamp(1e-12, 1 - 1e-12))
+    assert stats.kstest(((z - time.mean) / time.std).numpy(), "norm").pvalue > 0.01
+
+
+def test_frame_leaders_and_unit_validation():
+    pos = torch.tensor([[[3, 0, 0], [0, 0, 0], [3, 0, 1], [0, 1, 0]]])
+    assert frame_leaders(pos).tolist() == [[0, 1, 0, 1]]
+    with pytest.raises(ValueError, match="'token'.*'frame'"):
+        DualTimestepScheduler(mask_ratio=0.1, mask_unit="patch")
+    with pytest.raises(ValueError, match="mask unit for 'video'"):
+        DualTimestepScheduler(mask_ratio=0.1, mask_unit={"video": "clip"})

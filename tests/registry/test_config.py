@@ -39,6 +39,7 @@ def test_defaults_and_overrides():
         ('objective.gamma="high"', "'objective.gamma': expected a number"),
         ("run.steps=0", "'run.steps'"),
         ("modalities.image.mask_ratio=0.7", "'modalities.image.mask_ratio'"),
+        ('modalities.image.mask_unit="patch"', "'modalities.image.mask_unit'"),
         ('objective.teacher_rule="max"', "'objective.teacher_rule': expected one of ['min', 'gap']"),
         ("optimizer.lr=-1", "'optimizer.lr'"),
         ("run.batch_size=true", "'run.batch_size': expected an integer"),

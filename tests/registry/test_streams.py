@@ -172,6 +172,12 @@ def test_mask_ratio_defaults_to_the_tokenizer_s(tmp_path, monkeypatch):
         out_dir=tmp_path / "r2",
     )
     assert run.state.objective.scheduler.mask_ratio == {"image": 0.1}
+    assert run.state.objective.scheduler.mask_unit == {"image": "token"}
+    run = compose.build_run(
+        load_config(SHORT, ["output.progress=false", 'model.preset="tiny"', 'modalities.image.mask_unit="frame"']),
+        out_dir=tmp_path / "r3",
+    )
+    assert run.state.objective.scheduler.mask_unit == {"image": "frame"}
 
 
 def test_a_class_conditional_model_needs_one_label_space(tmp_path, monkeypatch):
