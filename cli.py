@@ -5,7 +5,8 @@
     selfflow runs list
     selfflow plugins list
     selfflow registry show NAME
-    selfflow eval CHECKPOINT [--metric NAME ... --samples N --cfg S --sampler NAME --steps N --real --out DIR]
+    selfflow eval CHECKPOINT [--metric NAME ... --samples N --cfg S --sampler NAME --steps N
+                              --real|--reconstructions --out DIR]
     selfflow bench step|image-methods|contention [...]
 
 Errors print one line and a hint; ``--debug`` shows the traceback. Every argument is checked
@@ -90,6 +91,12 @@ def _parser() -> argparse.ArgumentParser:
         "--real",
         action="store_true",
         help="score real held-out items instead of samples (the metrics' ceiling; writes eval/eval_real_data*)",
+    )
+    e.add_argument(
+        "--reconstructions",
+        action="store_true",
+        help="score real held-out items passed through the tokenizer, decode(encode(x)) (the tokenizer's floor; "
+        "writes eval/eval_reconstructions*)",
     )
     e.add_argument("--out", help="directory for the reports (default: RUN/eval/)")
 
@@ -305,18 +312,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not name or (at and not modality):
             raise UsageError(f"--metric {m!r}: expected NAME or NAME@MODALITY, e.g. --metric fd@image")
         specs.append(MetricSpec(name=name, modality=modality or None))
+    if args.real and args.reconstructions:
+        raise UsageError("--real and --reconstructions exclude each other: run selfflow eval once for each")
     checkpoint, cfg, _ = _checkpoint_config(args)
     specs = specs or list(cfg.eval.metrics)
-    check_metrics(default_registries(), cfg, specs, real_data=args.real)  # every name, before anything is sampled
+    media_only = args.real or args.reconstructions
+    check_metrics(default_registries(), cfg, specs, real_data=media_only)  # every name, before anything is sampled
     out = _output_place(args.out, run_dir_of(checkpoint), "eval")
     run = build_run(cfg, resume=checkpoint, read_only=True)
     report = evaluate(
         run,
-        metrics=specs or default_metrics(run, real_data=args.real),
+        metrics=specs or default_metrics(run, real_data=media_only),
         num_samples=args.samples,
         seed=args.seed,
         cfg_scale=args.cfg,
         real_data=args.real,
+        reconstructions=args.reconstructions,
     )
     path = write_report(report, out)
     print(report.markdown())

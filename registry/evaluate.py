@@ -41,6 +41,7 @@ class EvalReport:
     details: dict[str, dict[str, Any]]
     key: str = ""
     real_data: bool = False
+    reconstructions: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -132,6 +133,18 @@ def default_metrics(run: Run, *, real_data: bool) -> list[MetricSpec]:
     return specs
 
 
+def reconstruct(tokenizer: Any, media: Any, *, chunk: int = 250) -> Any:
+    """``tokenizer.decode(tokenizer.encode(media))`` in chunks of ``chunk`` items: what the
+    tokenizer keeps of real media, the best any generator in its latent space can do."""
+    parts = []
+    n = len(media)
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            out = tokenizer.decode(tokenizer.encode(media[start : start + chunk]))
+            parts.append(out.cpu() if isinstance(out, torch.Tensor) else out)
+    return torch.cat(parts) if all(isinstance(p, torch.Tensor) for p in parts) else [x for p in parts for x in p]
+
+
 def _draw(
     run: Run,
     stream: Stream,
@@ -143,13 +156,17 @@ def _draw(
     cfg_scale: float | None,
     chunk: int,
     real_data: bool,
+    reconstructions: bool = False,
 ) -> tuple[Any, torch.Tensor | None, float]:
-    """``n`` samples of ``modality`` (or held-out real items) and the labels they were made for."""
+    """``n`` samples of ``modality`` (or held-out real items, or their reconstructions) and
+    the labels they were made for."""
     t0 = time.perf_counter()
-    if real_data:
+    if real_data or reconstructions:
         n = min(n, len(stream.eval))
         fake = media_of(stream.eval, modality, range(n))
         labels = torch.tensor([int(stream.eval[i].label) for i in range(n)]) if k > 0 else None
+        if reconstructions:
+            fake = reconstruct(run.tokenizers[modality], fake, chunk=chunk)
         return fake, labels, time.perf_counter() - t0
     labels = balanced_labels(k, n) if k > 0 else None
     parts = []
@@ -171,6 +188,7 @@ def evaluate(
     cfg_scale: float | None = None,
     chunk: int = 250,
     real_data: bool = False,
+    reconstructions: bool = False,
 ) -> EvalReport:
     """Sample ``num_samples`` of each scored modality (class-balanced when samples have
     classes) from the EMA model and run ``metrics`` (default: the run's ``[eval] metrics``).
@@ -178,7 +196,13 @@ def evaluate(
     ``real_data``: score ``num_samples`` held-out real items in place of samples, with their
     own labels, and compare them with as many *training* items for FD/KID: the ceiling the
     samples are measured against (e.g. tesseract's legibility of real renders, the
-    reference classifier's held-out accuracy, the FD between two real sets of this size)."""
+    reference classifier's held-out accuracy, the FD between two real sets of this size).
+
+    ``reconstructions``: the same held-out items passed through the modality's tokenizer
+    (``decode(encode(x))``), compared with the same training items: the tokenizer's floor,
+    what a perfect generator in its latent space would score."""
+    if real_data and reconstructions:
+        raise ValueError("real_data and reconstructions exclude each other: score one of them per evaluation")
     cfg = run.config
     specs = list(metrics if metrics is not None else cfg.eval.metrics)
     if not specs:
@@ -188,7 +212,7 @@ def evaluate(
         raise ValueError(f"the number of evaluation samples must be at least 1, got {n} (eval.num_samples, --samples)")
     seed = cfg.eval.seed if seed is None else seed
     # resolve every name and modality before any sample is drawn
-    check_metrics(run.registries, cfg, specs, real_data=real_data)
+    check_metrics(run.registries, cfg, specs, real_data=real_data or reconstructions)
     plan = [(spec, metric_modality(run, spec), *run.registries.measure(spec.name)) for spec in specs]
     sampling = cfg.sampler
     protocol_key = content_key(
@@ -198,8 +222,9 @@ def evaluate(
             "seed": seed,
             "chunk": chunk,
             "real_data": real_data,
+            **({"reconstructions": True} if reconstructions else {}),
             "sampler": None
-            if real_data
+            if real_data or reconstructions
             else {**attrs.asdict(sampling), "cfg_scale": sampling.cfg_scale if cfg_scale is None else cfg_scale},
         },
         length=8,
@@ -228,7 +253,16 @@ def evaluate(
             if modality not in drawn:
                 k = conditioning_classes(run, stream)
                 fake, labels, seconds = _draw(
-                    run, stream, modality, n=n, k=k, seed=seed, cfg_scale=cfg_scale, chunk=chunk, real_data=real_data
+                    run,
+                    stream,
+                    modality,
+                    n=n,
+                    k=k,
+                    seed=seed,
+                    cfg_scale=cfg_scale,
+                    chunk=chunk,
+                    real_data=real_data,
+                    reconstructions=reconstructions,
                 )
                 drawn[modality] = (fake, labels, seconds, stream)
                 modality_protocol[modality] = _protocol(
@@ -241,14 +275,19 @@ def evaluate(
                     cfg_scale=cfg_scale,
                     seconds=seconds,
                     real_data=real_data,
+                    reconstructions=reconstructions,
+                    modality=modality,
                 )
             fake, labels, _, _ = drawn[modality]
-            real_source = stream.train if real_data else stream.eval
+            against_train = real_data or reconstructions
+            real_source = stream.train if against_train else stream.eval
             real = media_of(real_source, modality, range(min(len(fake), len(real_source))))
             built.update(real=real, fake=fake, labels=labels)
             out = built.compute()
             modality_protocol[modality]["real_samples"] = (
-                f"{len(real)} training items (what FD/KID compare the held-out items with)" if real_data else len(real)
+                f"{len(real)} training items (what FD/KID compare the held-out items with)"
+                if against_train
+                else len(real)
             )
         for r in out:
             key = f"{modality}/{r.name}"
@@ -260,7 +299,13 @@ def evaluate(
     for modality, ref in run._references.items():
         protocol[f"reference_network/{modality}" if len(run._references) > 1 else "reference_network"] = ref.describe()
     return EvalReport(
-        step=run.state.step, results=results, protocol=protocol, details=details, key=protocol_key, real_data=real_data
+        step=run.state.step,
+        results=results,
+        protocol=protocol,
+        details=details,
+        key=protocol_key,
+        real_data=real_data,
+        reconstructions=reconstructions,
     )
 
 
@@ -275,8 +320,19 @@ def _protocol(
     cfg_scale: float | None,
     seconds: float,
     real_data: bool,
+    reconstructions: bool = False,
+    modality: str = "",
 ) -> dict[str, Any]:
     s = run.config.sampler
+    if reconstructions:
+        return {
+            "model": "none: real held-out items passed through the tokenizer, decode(encode(x)) "
+            "(the tokenizer's floor)",
+            "tokenizer": run.config.modalities[modality].tokenizer,
+            "stream": stream.name,
+            "num_samples": n,
+            "labels": "the items' own" if k > 0 else "none",
+        }
     if real_data:
         return {
             "model": "none: real held-out items scored in place of samples (the metrics' ceiling)",
@@ -311,7 +367,13 @@ def write_report(report: EvalReport, directory: str | Path, *, stem: str | None 
     ``<stem>.{json,md}``, the latest evaluation of that checkpoint. Returns the keyed ``.md``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    stem = stem or ("eval_real_data" if report.real_data else f"eval_step_{report.step:07d}")
+    stem = stem or (
+        "eval_real_data"
+        if report.real_data
+        else "eval_reconstructions"
+        if report.reconstructions
+        else f"eval_step_{report.step:07d}"
+    )
     text = json.dumps(report.as_dict(), indent=1, default=str)
     md = report.markdown()
     names = [f"{stem}-{report.key}", stem] if report.key else [stem]

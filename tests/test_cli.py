@@ -98,6 +98,18 @@ def test_eval_writes_numbers_with_their_protocol(tmp_path, monkeypatch, capsys):
         "ode/heun",
     }
     assert json.loads((out / "eval" / "eval_step_0000002.json").read_text())["protocol"]["sampler"] == "ode/heun"
+    # the ceiling (--real) and the tokenizer's floor (--reconstructions): debug's image/patch is an exact round
+    # trip, so its reconstructions score what the real items score, to the last bit
+    two = ["--samples", "30", "--metric", "class-accuracy", "--metric", "fd"]
+    assert cli.main(["eval", str(out), *two, "--real"]) == 0
+    assert cli.main(["eval", str(out), *two, "--reconstructions"]) == 0
+    real = json.loads((out / "eval" / "eval_real_data.json").read_text())
+    recon = json.loads((out / "eval" / "eval_reconstructions.json").read_text())
+    assert recon["results"] == real["results"] and set(real["results"]) == {"image/class_accuracy", "image/fd"}
+    assert recon["protocol"]["model"].startswith("none: real held-out items passed through the tokenizer")
+    assert recon["protocol"]["tokenizer"] == "image/patch" and recon["protocol_key"] != real["protocol_key"]
+    assert cli.main(["eval", str(out), "--real", "--reconstructions"]) == 2
+    assert "--real and --reconstructions exclude each other" in capsys.readouterr().err
     assert cli.main(["eval", str(out), "--metric", "fid"]) == 2
     assert "did you mean 'fd'" in capsys.readouterr().err
     # a reference network is not a metric: a clear error, not a crash
