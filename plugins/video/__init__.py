@@ -19,7 +19,14 @@ def selfflow_register_tokenizers(register) -> None:
 
 @hookimpl
 def selfflow_register_datasets(register) -> None:
-    del register  # video/moving-digits, video/folder: added with their modules
+    from selfflow.plugins.video.moving_digits import MovingDigitsConfig, moving_digits
+
+    register.add(
+        "video/moving-digits",
+        moving_digits,
+        MovingDigitsConfig,
+        "moving MNIST (1-2 bouncing digits; label = digit(s) x initial direction) written once as MP4s, read by decord",
+    )
 
 
 @hookimpl
