@@ -22,7 +22,30 @@ def selfflow_register_tokenizers(register) -> None:
 
 @hookimpl
 def selfflow_register_datasets(register) -> None:
-    del register  # audio/spoken-digits, audio/tones, audio/folder: added with their modules
+    from selfflow.plugins.audio.folder import AudioFolderConfig, folder
+    from selfflow.plugins.audio.spoken_digits import SpokenDigitsConfig, spoken_digits
+    from selfflow.plugins.audio.tones import TonesConfig, tones
+
+    register.add(
+        "audio/spoken-digits",
+        spoken_digits,
+        SpokenDigitsConfig,
+        "the digits zero..nine spoken by espeak-ng (Debian espeak-ng) across voices, speeds and pitches; "
+        "rendered once to a WAV cache, 1 s clips at 16 kHz",
+    )
+    register.add(
+        "audio/tones",
+        tones,
+        TonesConfig,
+        "synthetic pitched notes (harmonics, ADSR envelopes, random octave/loudness/length); label = pitch class",
+    )
+    register.add(
+        "audio/folder",
+        folder,
+        AudioFolderConfig,
+        "a folder of WAV/FLAC/OGG/MP3 files, any rate/channels: mono mixdown, soxr resampling, fixed-length "
+        "crops or padding; labels from sub-folder names",
+    )
 
 
 @hookimpl
