@@ -14,7 +14,15 @@ from selfflow.plugins.hookspecs import hookimpl
 
 @hookimpl
 def selfflow_register_tokenizers(register) -> None:
-    del register  # video/patch: added with plugins/video/patch.py
+    from selfflow.plugins.video.vae import VideoVAEConfig, VideoVAETokenizer
+
+    register.add(
+        "video/vae",
+        VideoVAETokenizer.from_config,
+        VideoVAEConfig,
+        "causal 3-D KL autoencoder (1 + 4k frames -> 1 + k latent frames, 4x or 8x spatial) trained on the run's "
+        "clips (cached by data+config hash, resumable), standardised latent tokens",
+    )
 
 
 @hookimpl
@@ -26,6 +34,15 @@ def selfflow_register_datasets(register) -> None:
         moving_digits,
         MovingDigitsConfig,
         "moving MNIST (1-2 bouncing digits; label = digit(s) x initial direction) written once as MP4s, read by decord",
+    )
+
+    from selfflow.plugins.video.folder import VideoFolderConfig, video_folder
+
+    register.add(
+        "video/folder",
+        video_folder,
+        VideoFolderConfig,
+        "a folder of videos (mp4/avi/webm/mkv/mov); labels from sub-folders; clip length, fps or stride, resize+crop",
     )
 
 
