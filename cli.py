@@ -7,7 +7,7 @@
     selfflow registry show NAME
     selfflow eval CHECKPOINT [--metric NAME ... --samples N --cfg S --sampler NAME --steps N
                               --real|--reconstructions --out DIR]
-    selfflow bench step|image-methods|contention [...]
+    selfflow bench step|methods|image-methods|contention|video-data [...]
 
 Errors print one line and a hint; ``--debug`` shows the traceback. Every argument is checked
 before any work; ``sample`` and ``eval`` never modify a run's training outputs.
@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     rg.add_argument("name", nargs="?")
 
     b = sub.add_parser("bench", help="benchmarks (see benchmarks/)")
-    b.add_argument("suite", choices=["step", "image-methods", "contention"], help="which benchmark")
+    b.add_argument("suite", help="which benchmark: " + ", ".join(BENCHMARKS))
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help)")
     return p
 
@@ -399,20 +399,21 @@ def cmd_registry(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = {  # selfflow bench NAME -> the module whose main(argv) runs it (benchmarks/)
+    "step": "selfflow.benchmarks.step",
+    "methods": "selfflow.benchmarks.methods",
+    "image-methods": "selfflow.benchmarks.image_methods",
+    "contention": "selfflow.benchmarks.contention",
+    "video-data": "selfflow.benchmarks.video_data",
+}
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.suite == "step":
-        from selfflow.benchmarks.step import main as step_main
+    import importlib
 
-        return step_main(args.args)
-    if args.suite == "contention":
-        from selfflow.benchmarks.contention import main as contention_main
-
-        return contention_main(args.args)
-    if args.suite == "image-methods":
-        from selfflow.benchmarks.image_methods import main as methods_main
-
-        return methods_main(args.args)
-    raise UsageError(f"unknown benchmark {args.suite!r}")
+    if args.suite not in BENCHMARKS:
+        raise UsageError(f"unknown benchmark {args.suite!r}; choose one of {sorted(BENCHMARKS)}")
+    return importlib.import_module(BENCHMARKS[args.suite]).main(args.args)
 
 
 COMMANDS = {

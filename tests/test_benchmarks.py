@@ -119,3 +119,44 @@ def test_image_methods_aggregate_merges_parallel_invocations(tmp_path, monkeypat
     mean, std = agg["table"]["self-flow"]["20"]["class_accuracy"]
     assert abs(mean - 0.65) < 1e-9 and abs(std - 0.0707106781) < 1e-6
     assert "| self-flow | 20 | 0.650 ± 0.071 | 2.500 ± 0.707 | 20 (2.00x) |" in (out / "results.md").read_text()
+
+
+def test_methods_benchmark_takes_any_recipe_and_resumes(tmp_path, monkeypatch, capsys):
+    """``selfflow bench methods --recipe``: the generic comparison on a registered recipe
+    (``debug``), with the unguided row and the ceiling/floor rows; a second invocation into the
+    same ``--out`` keeps the finished runs and trains only the missing ones."""
+    from selfflow.benchmarks import methods
+
+    monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "m"
+    common = ["--recipe", "debug", "--profile", "quick", "--samples", "20", "--out", str(out)]
+    assert methods.main([*common, "--methods", "flow-matching"]) == 0
+    first = json.loads((out / "runs.json").read_text())
+    assert [r["method"] for r in first] == ["flow-matching"]
+    (fm,) = first
+    assert set(fm["bounds"]) == {"real_data", "reconstructions"}
+    # debug tokenizes with image/patch, an exact round trip: the floor is the ceiling
+    assert fm["bounds"]["real_data"] == fm["bounds"]["reconstructions"]
+    assert {"class_accuracy", "fd", "kid_mean"} <= set(fm["unguided"]) and fm["protocol"]["cfg_scale"] == 1.5
+
+    assert methods.main([*common, "--methods", "flow-matching", "self-flow"]) == 0
+    assert "resuming: 1 finished run(s)" in capsys.readouterr().err
+    runs = json.loads((out / "runs.json").read_text())
+    assert [r["method"] for r in runs] == ["flow-matching", "self-flow"] and runs[0] == fm
+    assert "bounds" not in runs[1]  # the bounds are the data's, measured once per seed
+    md = (out / "results.md").read_text()
+    assert "### debug methods, profile `quick`" in md and "| self-flow | 20 |" in md
+    assert "Without guidance (cfg 1), step 20" in md
+    assert "| tokenizer floor: held-out items through the tokenizer |" in md
+    assert (out / "metrics.png").stat().st_size > 10_000
+
+
+def test_methods_benchmark_refuses_a_recipe_it_cannot_score(tmp_path):
+    import pytest
+
+    from selfflow.benchmarks import methods
+
+    with pytest.raises(SystemExit, match="no such file"):
+        methods.main(["--recipe", str(tmp_path / "missing.toml")])
+    with pytest.raises(SystemExit, match="the last evaluation must be at the last step"):
+        methods.main(["--recipe", "debug", "--steps", "30", "--eval-at", "10", "20"])
