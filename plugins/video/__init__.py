@@ -24,6 +24,15 @@ def selfflow_register_tokenizers(register) -> None:
         "clips (cached by data+config hash, resumable), standardised latent tokens",
     )
 
+    from selfflow.plugins.video.patch import VideoPatchConfig, VideoPatchTokenizer
+
+    register.add(
+        "video/patch",
+        VideoPatchTokenizer.from_config,
+        VideoPatchConfig,
+        "non-overlapping pt x p x p pixel patches, (t, h, w) positions on the shared time axis (exact round trip)",
+    )
+
 
 @hookimpl
 def selfflow_register_datasets(register) -> None:
