@@ -57,7 +57,14 @@ def selfflow_register_datasets(register) -> None:
 
 @hookimpl
 def selfflow_register_writers(register) -> None:
-    del register  # "video": added with plugins/video/writer.py
+    from selfflow.plugins.video.writer import VideoWriter, VideoWriterConfig
+
+    register.add(
+        "video",
+        VideoWriter.from_config,
+        VideoWriterConfig,
+        "one browser-playable MP4 (H.264, yuv420p) per sample and a labelled PNG strip of frames per batch",
+    )
 
 
 @hookimpl

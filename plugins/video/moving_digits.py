@@ -4,8 +4,10 @@ Each clip is ``frames`` frames of a ``size`` x ``size`` black canvas with one (`
 or two MNIST digits, each scaled to ``digit_size`` pixels, moving in a straight line at
 ``speed`` pixels per frame along each axis and bouncing off the edges (a bounce mirrors the
 velocity component that hit the wall, and the position, as a billiard ball does). The first
-frame shows the start position; each later frame moves by the velocity. Frames are drawn at
-the rounded position; two digits combine by the brighter pixel.
+frame shows the start position; each later frame moves by the velocity. Start positions are
+drawn so that the first ``CLEAR = 4`` moves hit no wall (where the canvas leaves room), so the
+first frames always show the labelled direction. Frames are drawn at the rounded position;
+two digits combine by the brighter pixel.
 
 Label: the digit(s) and the **initial** direction of motion, one of four diagonals
 (``DIRECTIONS``: 0 down-right, 1 down-left, 2 up-right, 3 up-left; both digits of a two-digit
@@ -44,8 +46,9 @@ import torch.nn.functional as F
 from selfflow.core.files import CacheEntry, content_key
 from selfflow.plugins.protocols import Example
 
-FORMAT = 1  # bump when the files or their layout change: old entries are ignored
+FORMAT = 2  # bump when the files or their layout change: old entries are ignored
 DIRECTIONS = ((1, 1), (-1, 1), (1, -1), (-1, -1))  # (dx, dy) per direction id; y grows downwards
+CLEAR = 4  # frames a digit moves in its labelled direction before it may first bounce
 ARROWS = ("\u2198", "\u2199", "\u2197", "\u2196")  # ↘ ↙ ↗ ↖ (DejaVu Sans draws them in sample grids)
 
 
@@ -110,6 +113,20 @@ def class_names(digits: int) -> tuple[str, ...]:
 def label_factors(digits: int) -> tuple[tuple[str, int], ...]:
     """The mixed-radix factors of the class id, most significant first."""
     return (("digit", 10), ("direction", 4)) if digits == 1 else (("digit1", 10), ("digit2", 10), ("direction", 4))
+
+
+def start_range(direction: int, top: float, speed: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(low, high)`` of the (x, y) start: the digit moves ``CLEAR`` frames before its first
+    bounce (so its first frames show the labelled direction), where the canvas allows."""
+    low, high = np.zeros(2), np.full(2, top)
+    room = CLEAR * speed
+    if room < top:
+        for a, v in enumerate(DIRECTIONS[direction]):
+            if v > 0:
+                high[a] = top - room
+            else:
+                low[a] = room
+    return low, high
 
 
 def render_clip(glyphs: np.ndarray, starts: np.ndarray, direction: int, config: MovingDigitsConfig) -> np.ndarray:
@@ -206,8 +223,9 @@ class MovingDigits:
         with self.entry.write() as w:
             for i in range(count):
                 picks = rng.integers(0, len(self._glyphs), size=cfg.digits)
-                starts = rng.uniform(0, top, size=(cfg.digits, 2))
                 direction = int(rng.integers(0, 4))
+                low, high = start_range(direction, top, cfg.speed)
+                starts = rng.uniform(low, high, size=(cfg.digits, 2))
                 clip = render_clip(self._glyphs[picks], starts, direction, cfg)
                 name = f"clip_{i:05d}.mp4"
                 path = write_video(w.directory / name, clip[..., None], fps=cfg.fps, crf=cfg.crf)
