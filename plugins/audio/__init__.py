@@ -17,7 +17,21 @@ from selfflow.plugins.hookspecs import hookimpl
 
 @hookimpl
 def selfflow_register_tokenizers(register) -> None:
-    del register  # audio/frames, audio/mel, audio/mel-vae: added with their modules
+    from selfflow.plugins.audio.frames import FramesConfig, FramesTokenizer
+    from selfflow.plugins.audio.mel import MelConfig, MelTokenizer
+
+    register.add(
+        "audio/frames",
+        FramesTokenizer.from_config,
+        FramesConfig,
+        "plain waveform frames (320 samples at 16 kHz = 50 frames/s; exact round trip)",
+    )
+    register.add(
+        "audio/mel",
+        MelTokenizer.from_config,
+        MelConfig,
+        "log-mel frames (80 bins, 62.5 frames/s at 16 kHz) standardised per bin from the data; Griffin-Lim decoder",
+    )
 
 
 @hookimpl
@@ -50,7 +64,14 @@ def selfflow_register_datasets(register) -> None:
 
 @hookimpl
 def selfflow_register_writers(register) -> None:
-    del register  # "audio": added with plugins/audio/writer.py
+    from selfflow.plugins.audio.writer import AudioWriter, AudioWriterConfig
+
+    register.add(
+        "audio",
+        AudioWriter.from_config,
+        AudioWriterConfig,
+        "one WAV (<audio> player) and one log-mel spectrogram PNG per sample",
+    )
 
 
 @hookimpl

@@ -95,3 +95,51 @@ class AudioClips:
     def seconds(self) -> float:
         """Total duration of the real audio, in seconds."""
         return float(self.valid_samples.sum()) / self.sample_rate
+
+
+def audio_batch(media, *, who: str) -> tuple[Tensor, Tensor]:
+    """An audio batch as ``(x (B, samples) float32, lengths (B,) long)``.
+
+    ``media`` is a ``(B, 1, samples)`` tensor (every item full length) or a list of ``(1, n_i)``
+    tensors of different lengths (``pad = "none"`` data), zero-padded here to the longest.
+    Mono only: a ``(B, channels, samples)`` batch with ``channels > 1`` is refused with the fix.
+    """
+    expected = f"{who} takes a mono audio batch (B, 1, samples) float in [-1, 1], or a list of (1, samples) tensors"
+    if isinstance(media, (list, tuple)):
+        if not media:
+            raise ValueError(f"{expected}; got an empty list")
+        items = [torch.as_tensor(m) for m in media]
+        bad = next((i for i, m in enumerate(items) if m.ndim != 2 or m.shape[0] != 1), None)
+        if bad is not None:
+            raise ValueError(f"{expected}; item {bad} has shape {tuple(items[bad].shape)}")
+        lengths = torch.tensor([m.shape[1] for m in items], dtype=torch.long)
+        x = torch.zeros(len(items), int(lengths.max()), dtype=torch.float32, device=items[0].device)
+        for i, m in enumerate(items):
+            x[i, : m.shape[1]] = m[0].float()
+        return x, lengths.to(x.device)
+    if not isinstance(media, Tensor):
+        raise TypeError(f"{expected}; got a {type(media).__name__}")
+    if media.ndim != 3:
+        hint = " (one clip (1, samples)? add a batch dimension, x[None])" if media.ndim == 2 else ""
+        raise ValueError(f"{expected}; got shape {tuple(media.shape)}{hint}")
+    if media.shape[1] != 1:
+        raise ValueError(
+            f"{expected}; got {media.shape[1]} channels in shape {tuple(media.shape)}: mix down to mono first "
+            "(x.mean(1, keepdim=True)); the audio datasets already do"
+        )
+    if not media.is_floating_point():
+        raise TypeError(f"{expected}; got dtype {media.dtype} (int16 PCM? pass x.float() / 32768)")
+    if media.shape[0] == 0 or media.shape[2] == 0:
+        raise ValueError(f"{expected}; got an empty batch, shape {tuple(media.shape)}")
+    b, _, s = media.shape
+    return media[:, 0].float(), torch.full((b,), s, dtype=torch.long, device=media.device)
+
+
+def check_rate(dataset, sample_rate: int, who: str) -> None:
+    """Refuse a dataset whose clips are at another rate than the tokenizer's (when it says)."""
+    rate = getattr(dataset, "sample_rate", None)
+    if rate is not None and int(rate) != int(sample_rate):
+        raise ValueError(
+            f"{who} is set to sample_rate = {sample_rate} Hz but the dataset's clips are {rate} Hz: "
+            f"set the same sample_rate in the dataset_options and the tokenizer_options"
+        )
