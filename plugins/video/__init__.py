@@ -69,7 +69,15 @@ def selfflow_register_writers(register) -> None:
 
 @hookimpl
 def selfflow_register_references(register) -> None:
-    del register
+    from selfflow.plugins.video.reference import VideoReference, VideoReferenceConfig
+
+    register.add(
+        "video",
+        VideoReference.from_config,
+        VideoReferenceConfig,
+        "small 3-D CNN trained on the run's clips, one head per label factor (cached by data+config hash): "
+        "feature network for fd/kid (FVD-style, not I3D), class-accuracy and REPA",
+    )
 
 
 @hookimpl
