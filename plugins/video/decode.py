@@ -11,6 +11,9 @@ callers convert to torch themselves (``torch.from_numpy``, no copy). decord deco
 thread by default (``threads``): the training loop never decodes video (latents are cached),
 and the data benchmark measures both readers on one thread.
 
+decord 0.6.0 returns mis-strided frames for some widths (16, 24, 48 px among them; 32, 40,
+64 and 128 are fine): ``read_video`` checks the shape and reads such files with PyAV.
+
 Every failure is a ``VideoReadError`` naming the path and, where the bytes say so, what the
 file is instead (empty, text, an image, audio), with both readers' reasons otherwise.
 """
@@ -26,7 +29,12 @@ import torch
 
 
 class VideoReadError(ValueError):
-    """A file that neither decord nor PyAV can read as a video; the message names it."""
+    """A file that neither decord nor PyAV can read as a video; the message names it,
+    ``path`` and ``reason`` hold the parts."""
+
+    def __init__(self, message: str, *, path: Path | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.path, self.reason = path, reason or message
 
 
 @attrs.frozen(kw_only=True)
@@ -109,8 +117,18 @@ def _fail(path: Path, errors: list[str]) -> VideoReadError:
     reason = what if what else "damaged, truncated or not a video (" + "; ".join(errors) + ")"
     return VideoReadError(
         f"cannot read video {str(path)!r}: {reason}. Replace or re-encode it "
-        "(e.g. ffmpeg -i in.ext -c:v libx264 -pix_fmt yuv420p out.mp4), or delete it"
+        "(e.g. ffmpeg -i in.ext -c:v libx264 -pix_fmt yuv420p out.mp4), or delete it",
+        path=path,
+        reason=reason,
     )
+
+
+def _checked(frames: np.ndarray) -> np.ndarray:
+    """decord 0.6.0 mis-strides frames of some widths (16, 24, 48 px, ...): a single frame
+    comes back with 4 or 6 "channels", a batch raises. Either way PyAV reads the file."""
+    if frames.shape[-1] != 3:
+        raise ValueError(f"decord returned frames of shape {frames.shape} (a row-stride bug): reading with PyAV")
+    return frames
 
 
 def _open_decord(path: Path, threads: int):
@@ -123,7 +141,7 @@ def probe_video(path: str | os.PathLike, *, threads: int = 1) -> VideoInfo:
     file fails here). ``VideoReadError`` when neither reader can."""
     path = Path(path)
     if not path.is_file():
-        raise VideoReadError(f"cannot read video {str(path)!r}: no such file")
+        raise VideoReadError(f"cannot read video {str(path)!r}: no such file", path=path, reason="no such file")
     errors = []
     if why_unreadable(path) is None:
         try:
@@ -131,7 +149,7 @@ def probe_video(path: str | os.PathLike, *, threads: int = 1) -> VideoInfo:
             n = len(vr)
             if n == 0:
                 raise ValueError("no frames")
-            last = vr[n - 1].asnumpy()
+            last = _checked(vr[n - 1].asnumpy())
             return VideoInfo(
                 num_frames=n, fps=float(vr.get_avg_fps()), height=last.shape[0], width=last.shape[1], reader="decord"
             )
@@ -162,7 +180,7 @@ def read_video(
     if reader not in ("auto", "decord", "pyav"):
         raise ValueError(f"reader must be 'auto', 'decord' or 'pyav', got {reader!r}")
     if not path.is_file():
-        raise VideoReadError(f"cannot read video {str(path)!r}: no such file")
+        raise VideoReadError(f"cannot read video {str(path)!r}: no such file", path=path, reason="no such file")
     errors = []
     if reader in ("auto", "decord"):
         try:
@@ -174,7 +192,7 @@ def read_video(
             bad = [i for i in want if not 0 <= i < n]
             if bad:
                 raise IndexError(f"frame {bad[0]} requested but the video has {n} frames")
-            frames = vr.get_batch(want).asnumpy()
+            frames = _checked(vr.get_batch(want).asnumpy())
             return Video(frames=frames, fps=float(vr.get_avg_fps()), num_frames=n, reader="decord")
         except ImportError:
             if reader == "decord":
