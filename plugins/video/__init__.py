@@ -82,4 +82,23 @@ def selfflow_register_references(register) -> None:
 
 @hookimpl
 def selfflow_register_metrics(register) -> None:
-    del register
+    from selfflow.plugins.video.metrics import FactorAccuracy, FrameFD, FrameFDConfig, TemporalConsistency
+
+    register.add(
+        "video/frame-fd",
+        FrameFD.from_config,
+        FrameFDConfig,
+        "frame-wise Fréchet distance: every frame through an image reference network trained on frames of the clips",
+    )
+    register.add(
+        "video/factor-accuracy",
+        FactorAccuracy.from_config,
+        None,
+        "per-factor (digit, direction) and joint accuracy of class-conditional samples read by the video reference",
+    )
+    register.add(
+        "video/temporal",
+        TemporalConsistency.from_config,
+        None,
+        "temporal consistency: mean |frame-to-frame change| of samples vs real clips (ratio, 1-D W1, KS)",
+    )
