@@ -98,8 +98,11 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, *, fps: float, crf:
             stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
         else:
             stream.bit_rate = max(200_000, w * h * round(fps) * 2)
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+        stream.codec_context.time_base = 1 / rate
+        for k, f in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+            frame.pts, frame.time_base = k, 1 / rate  # explicit timestamps: frame k at k / fps seconds
+            for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
