@@ -58,7 +58,7 @@ FORMAT = 1  # bump when the network or the file layout changes: old caches stop 
 NAME = "video/vae"
 _WEIGHTS = ("video_channels", "base_channels", "downsample", "latent_channels", "blocks", "mid_blocks")
 # fields that never change the weights (a resumed fit is identical to an uninterrupted one)
-_RUNTIME = {"checkpoint", "sample", "device", "progress", "fps", "partial_every", "log_every"}
+_RUNTIME = {"checkpoint", "sample", "device", "progress", "fps", "patch", "partial_every", "log_every"}
 _CACHE, _FILE, _PARTIAL = "video-vae", "weights.safetensors", "partial"
 
 
@@ -83,7 +83,9 @@ class VideoVAEConfig:
     run's generator), ``holdout`` clips kept out of training to measure reconstruction,
     ``stats_items`` clips for the latent statistics.
     Runtime (not part of the cache key): ``fps`` of the clips (positions; ``None``: the
-    dataset's ``fps``); ``checkpoint`` a local ``.safetensors`` to load instead of training;
+    dataset's ``fps``); ``patch`` p: one token per p x p latent positions of a latent frame
+    (``p * p * latent_channels`` channels, DiT's latent patchify; 1: one token per latent
+    position); ``checkpoint`` a local ``.safetensors`` to load instead of training;
     ``sample`` encode with a posterior sample instead of the mean; ``device`` for training
     (``None``: CUDA when available); ``progress`` shows the bar; ``partial_every`` steps between
     partial checkpoints (0: none); ``log_every`` steps between held-out PSNR lines (0: none).
@@ -103,6 +105,7 @@ class VideoVAEConfig:
     holdout: int = attrs.field(default=64, validator=attrs.validators.ge(1))
     stats_items: int = attrs.field(default=512, validator=attrs.validators.ge(2))
     fps: float | None = attrs.field(default=None, validator=_positive_fps)
+    patch: int = attrs.field(default=1, validator=attrs.validators.ge(1))
     checkpoint: str | None = None
     sample: bool = False
     device: str | None = None
@@ -236,7 +239,7 @@ class VideoVAETokenizer:
 
     @property
     def channels(self) -> int:
-        return self.config.latent_channels
+        return self.config.latent_channels * self.config.patch**2
 
     @property
     def fitted(self) -> bool:
@@ -251,7 +254,7 @@ class VideoVAETokenizer:
         positions (``None`` before ``fit``, and when latents are sampled)."""
         if self.config.sample or self._weights_key is None:
             return None
-        return content_key(NAME, self._weights_key, self.fps)
+        return content_key(NAME, self._weights_key, self.fps, self.config.patch)
 
     def fit_key(self, dataset) -> str:
         """Hash of the data fingerprint, the file format and every field that changes the weights."""
@@ -412,9 +415,14 @@ class VideoVAETokenizer:
     @torch.no_grad()
     def encode(self, media: Tensor) -> Segment:
         z = self.encode_latents(media)
+        p = self.config.patch
         b, ch, t, h, w = z.shape
+        if h % p or w % p:
+            raise ValueError(f"{NAME} patch={p} needs latent grids divisible by {p}, got {h}x{w}; change patch")
         z = (z - self.shift[:, None, None, None]) / self.scale[:, None, None, None]
-        tokens = z.permute(0, 2, 3, 4, 1).reshape(b, t * h * w, ch)
+        h, w = h // p, w // p
+        # (B, L, t, h, p, w, p) -> (B, t, h, w, p, p, L): token channels are (row, col, channel) in the patch
+        tokens = z.reshape(b, ch, t, h, p, w, p).permute(0, 2, 3, 5, 4, 6, 1).reshape(b, t * h * w, p * p * ch)
         pos = grid_positions(t, h, w, batch=b, device=z.device).clone()
         pos[..., 0] = time_ticks(frame_of_latent(pos[..., 0]), self._fps()).to(z.device)
         return Segment(modality=self.modality, tokens=tokens.contiguous(), positions=pos)
@@ -427,9 +435,10 @@ class VideoVAETokenizer:
         b, _, ch = tokens.shape
         if ch != self.channels:
             raise ValueError(f"{NAME} decodes {self.channels}-channel tokens, got {ch}")
-        z = tokens.float().reshape(b, t, h, w, ch).permute(0, 4, 1, 2, 3)
+        p, lat = self.config.patch, self.config.latent_channels
+        z = tokens.float().reshape(b, t, h, w, p, p, lat).permute(0, 6, 1, 2, 4, 3, 5).reshape(b, lat, t, h * p, w * p)
         z = z * self.scale[:, None, None, None] + self.shift[:, None, None, None]
-        return self.net.decode(z).clamp(-1.0, 1.0)
+        return self.net.decode(z.contiguous()).clamp(-1.0, 1.0)
 
     def _fps(self) -> float:
         if self.fps is None:

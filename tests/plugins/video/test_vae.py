@@ -291,3 +291,19 @@ def test_sampled_latents_are_never_cached(tiny: VideoVAETokenizer) -> None:
     assert VideoVAETokenizer(attrs.evolve(TINY, sample=True)).cache_key() is None
     assert tiny.cache_key() is not None
     assert F.mse_loss(tiny.decode(tiny.encode(torch.zeros(1, 1, 5, 8, 8))), torch.zeros(1, 1, 5, 8, 8)) >= 0
+
+
+def test_latent_patches_are_a_lossless_regrouping(tmp_path) -> None:
+    """patch=2: one token per 2x2 latent positions (4x the channels, 1/4 the tokens); decoding
+    gives exactly what patch=1 decodes; the weights (cache entry) are shared."""
+    one = _fitted(attrs.evolve(TINY, holdout=2), Squares(n=12, size=16), cache_dir=str(tmp_path))
+    two = _fitted(attrs.evolve(TINY, holdout=2, patch=2), Squares(n=12, size=16), cache_dir=str(tmp_path))
+    assert two.source is FitSource.CACHE and two.channels == 16 and two.cache_key() != one.cache_key()
+    x = torch.stack([Squares(n=12, size=16)[i].media["video"] for i in range(3)])
+    s1, s2 = one.encode(x), two.encode(x)
+    assert s1.tokens.shape == (3, 2 * 4 * 4, 4) and s2.tokens.shape == (3, 2 * 2 * 2, 16)
+    assert latent_grid(s2) == (2, 2, 2)
+    # token (t, 0, 1) of patch 2 holds latent rows 0-1, cols 2-3 in (row, col, channel) order
+    grid1 = s1.tokens.reshape(3, 2, 4, 4, 4)
+    assert torch.equal(s2.tokens[:, 1], grid1[:, 0, 0:2, 2:4].reshape(3, 16))
+    assert torch.equal(two.decode(s2), one.decode(s1))
