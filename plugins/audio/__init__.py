@@ -33,6 +33,26 @@ def selfflow_register_tokenizers(register) -> None:
         "log-mel frames (80 bins, 62.5 frames/s at 16 kHz) standardised per bin from the data; Griffin-Lim decoder",
     )
 
+    from selfflow.plugins.audio.mel_vae import MelVAEConfig, MelVAETokenizer
+
+    register.add(
+        "audio/mel-vae",
+        MelVAETokenizer.from_config,
+        MelVAEConfig,
+        "small 1-D conv KL autoencoder over audio/mel frames trained on the run's data (cached by data+config hash), "
+        "16 channels at 31.25 frames/s; Griffin-Lim decoder",
+    )
+
+    from selfflow.plugins.audio.encodec import EncodecConfig, EncodecTokenizer  # imports encodec only when used
+
+    register.add(
+        "audio/encodec",
+        EncodecTokenizer.from_config,
+        EncodecConfig,
+        "continuous EnCodec latents before quantisation (75 Hz at 24 kHz), standardised; official 24 kHz "
+        "checkpoint from a local path (sha256-checked), a selfflow .safetensors, or a SEANet fitted on the run's data",
+    )
+
 
 @hookimpl
 def selfflow_register_datasets(register) -> None:
@@ -76,9 +96,30 @@ def selfflow_register_writers(register) -> None:
 
 @hookimpl
 def selfflow_register_references(register) -> None:
-    del register
+    from selfflow.plugins.audio.reference import AudioReference, AudioReferenceConfig
+
+    register.add(
+        "audio",
+        AudioReference.from_config,
+        AudioReferenceConfig,
+        "log-mel CNN classifier trained on the run's clips (per-clip normalised, augmented; cached by data+config): "
+        "feature network for fd (FAD-style)/kid/class-accuracy and REPA",
+    )
 
 
 @hookimpl
 def selfflow_register_metrics(register) -> None:
-    del register
+    from selfflow.plugins.audio.metrics import AudioReconstruction, AudioSanity, ReconstructionConfig, SanityConfig
+
+    register.add(
+        "audio/sanity",
+        AudioSanity.from_config,
+        SanityConfig,
+        "reference-free check that clips are not silence or noise: classifier confidence, spectral flatness, RMS dBFS",
+    )
+    register.add(
+        "audio/reconstruction",
+        AudioReconstruction.from_config,
+        ReconstructionConfig,
+        "the tokenizer's ceiling: clips through encode->decode, scored by class accuracy, FD and SNR (use with --real)",
+    )
