@@ -143,3 +143,20 @@ def check_rate(dataset, sample_rate: int, who: str) -> None:
             f"{who} is set to sample_rate = {sample_rate} Hz but the dataset's clips are {rate} Hz: "
             f"set the same sample_rate in the dataset_options and the tokenizer_options"
         )
+
+
+_RATE = "selfflow_sample_rate"
+
+
+def with_rate(audio: Tensor, sample_rate: int) -> Tensor:
+    """Tag a decoded ``(B, 1, samples)`` batch with its sample rate (a plain attribute on the
+    tensor object), so the writer, which only receives the tensor, writes WAVs at the right
+    rate. Returns ``audio`` itself."""
+    setattr(audio, _RATE, int(sample_rate))
+    return audio
+
+
+def rate_of(audio) -> int | None:
+    """The rate ``with_rate`` tagged ``audio`` with, or ``None`` (untagged, e.g. sliced or copied)."""
+    rate = getattr(audio, _RATE, None)
+    return int(rate) if rate is not None else None

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from selfflow.core.types import Segment, time_ticks
-from selfflow.plugins.audio.clips import audio_batch, check_rate
+from selfflow.plugins.audio.clips import audio_batch, check_rate, with_rate
 
 MASK_RATIO = 0.50  # the paper's audio mask ratio, for every audio tokenizer
 
@@ -93,7 +93,8 @@ class FramesTokenizer:
         )
 
     def decode(self, segment: Segment) -> Tensor:
-        """``(B, 1, N * frame)`` float in [-1, 1]; invalid frames are silence."""
+        """``(B, 1, N * frame)`` float in [-1, 1] (tagged with its rate, ``clips.with_rate``);
+        invalid frames are silence."""
         b, n, c = segment.tokens.shape
         if c != self.config.frame:
             raise ValueError(f"audio/frames decodes {self.config.frame}-sample frames, got {c}-channel tokens")
@@ -101,4 +102,4 @@ class FramesTokenizer:
         tokens = segment.tokens.float()
         if segment.valid is not None:
             tokens = tokens * segment.valid[..., None]
-        return tokens.reshape(b, 1, n * c).clamp(-1.0, 1.0)
+        return with_rate(tokens.reshape(b, 1, n * c).clamp(-1.0, 1.0), self.config.sample_rate)

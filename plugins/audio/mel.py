@@ -38,7 +38,7 @@ from torch import Tensor
 
 from selfflow.core.files import CacheEntry, content_key
 from selfflow.core.types import Segment
-from selfflow.plugins.audio.clips import audio_batch, check_rate
+from selfflow.plugins.audio.clips import audio_batch, check_rate, with_rate
 from selfflow.plugins.audio.frames import MASK_RATIO, frame_positions, frame_valid, frames_of
 
 FORMAT = 1
@@ -286,4 +286,4 @@ class MelTokenizer:
         audio = mel_to_audio(self.to_log_mel(segment), self.config)
         if segment.valid is not None:
             audio = audio * segment.valid.repeat_interleave(self.config.hop, dim=1)
-        return audio[:, None].clamp(-1.0, 1.0)
+        return with_rate(audio[:, None].clamp(-1.0, 1.0), self.config.sample_rate)

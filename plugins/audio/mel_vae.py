@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from selfflow.core.files import CacheEntry, content_key
 from selfflow.core.types import Segment
-from selfflow.plugins.audio.clips import audio_batch, check_rate
+from selfflow.plugins.audio.clips import audio_batch, check_rate, with_rate
 from selfflow.plugins.audio.frames import MASK_RATIO, frame_positions, frame_valid, frames_of
 from selfflow.plugins.audio.mel import MelConfig, MelTokenizer, mel_to_audio
 
@@ -403,7 +403,7 @@ class MelVAETokenizer:
         if segment.valid is not None:
             f = self.config.downsample * self.config.mel.hop
             audio = audio * segment.valid.repeat_interleave(f, dim=1)
-        return audio[:, None].clamp(-1.0, 1.0)
+        return with_rate(audio[:, None].clamp(-1.0, 1.0), self.config.mel.sample_rate)
 
 
 def _read(path: Path) -> tuple[dict[str, Tensor], dict]:

@@ -4,7 +4,8 @@ captioned with the sample's label).
 
 Files: ``{stem}_{i:03d}.wav`` and ``{stem}_{i:03d}.png`` for sample ``i``, in sample order
 (WAV then PNG for each). The batch is ``(B, 1, samples)`` float in [-1, 1] at ``sample_rate``
-(the writer cannot see the rate in the tensor: set it to the tokenizer's); values outside
+(the rate a tokenizer tagged the batch with, ``clips.with_rate``, else the config's
+``sample_rate``, else 16000); values outside
 [-1, 1] are clipped in the WAV and counted in the caption, NaN written as silence.
 """
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from selfflow.plugins.audio.clips import audio_batch
+from selfflow.plugins.audio.clips import audio_batch, rate_of
 from selfflow.plugins.audio.io import write_wav
 from selfflow.plugins.audio.mel import MelConfig, hz_to_mel, log_mel
 from selfflow.plugins.gallery import check_labels, check_stem, replacing
@@ -27,11 +28,12 @@ from selfflow.plugins.protocols import MediaFile
 
 @attrs.frozen(kw_only=True)
 class AudioWriterConfig:
-    """``sample_rate``: Hz of the media (the tokenizer's); ``spectrograms``: also write a PNG
+    """``sample_rate``: Hz of the media when the batch does not say (the audio tokenizers tag
+    what they decode with their rate, ``clips.with_rate``; default 16000); ``spectrograms``: also write a PNG
     per sample; ``n_mels`` / ``hop``: the spectrogram's bins and hop (samples); ``dpi``: of the
     PNG; ``max_samples``: write at most this many samples of a batch (0: all)."""
 
-    sample_rate: int = attrs.field(default=16000, validator=attrs.validators.ge(1000))
+    sample_rate: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(1000)))
     spectrograms: bool = True
     n_mels: int = attrs.field(default=80, validator=attrs.validators.ge(8))
     hop: int = attrs.field(default=128, validator=attrs.validators.ge(16))
@@ -88,6 +90,7 @@ class AudioWriter:
         return cls(config if config is not None else AudioWriterConfig())
 
     def write(self, media, directory: Path, *, stem: str, labels: Sequence[str] | None, title: str) -> list[MediaFile]:
+        rate = rate_of(media) or self.config.sample_rate or 16000
         x, lengths = audio_batch(media, who="the audio writer")
         b = x.shape[0]
         labels = check_labels(labels, b, "audio")
@@ -101,21 +104,19 @@ class AudioWriter:
             clip = torch.nan_to_num(clip, nan=0.0).clamp(-1.0, 1.0)
             label = labels[i] if labels else ""
             caption = label or f"sample {i}"
-            notes = [f"{clip.numel() / c.sample_rate:.2f} s"]
+            notes = [f"{clip.numel() / rate:.2f} s"]
             if loud:
                 notes.append(f"{loud} samples clipped")
             if bad:
                 notes.append(f"{bad} non-finite samples written as silence")
             wav = Path(directory) / f"{stem}_{i:03d}.wav"
             with replacing(wav) as tmp:
-                write_wav(tmp, clip, c.sample_rate)
+                write_wav(tmp, clip, rate)
             out.append(MediaFile(path=wav, element="audio", items=(i,), caption=f"{caption} ({', '.join(notes)})"))
             if c.spectrograms:
                 png = wav.with_suffix(".png")
                 heading = " | ".join(part for part in (title, label or f"sample {i}") if part)
                 with replacing(png) as tmp:
-                    save_spectrogram(
-                        clip, tmp, sample_rate=c.sample_rate, title=heading, n_mels=c.n_mels, hop=c.hop, dpi=c.dpi
-                    )
+                    save_spectrogram(clip, tmp, sample_rate=rate, title=heading, n_mels=c.n_mels, hop=c.hop, dpi=c.dpi)
                 out.append(MediaFile(path=png, element="img", items=(i,), caption=f"{caption}: log-mel spectrogram"))
         return out

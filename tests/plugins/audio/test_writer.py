@@ -76,6 +76,19 @@ def test_clipping_nan_ragged_lists_and_limits(tmp_path) -> None:
     assert len(limited) == 1
 
 
+def test_the_rate_comes_from_the_tokenizer(tmp_path) -> None:
+    """The writer only gets the tensor: the audio tokenizers tag what they decode with their rate."""
+    from selfflow.plugins.audio.frames import FramesConfig, FramesTokenizer
+
+    tok = FramesTokenizer(FramesConfig(sample_rate=24000, frame=480))
+    decoded = tok.decode(tok.encode(_tones([440], rate=24000)))
+    [wav] = AudioWriter(AudioWriterConfig(spectrograms=False)).write(decoded, tmp_path, stem="t", labels=None, title="")
+    assert sf.info(str(wav.path)).samplerate == 24000 and wav.caption == "sample 0 (0.50 s)"
+    plain = AudioWriter(AudioWriterConfig(spectrograms=False, sample_rate=8000))
+    [wav] = plain.write(decoded.clone(), tmp_path, stem="u", labels=None, title="")  # a copy loses the tag
+    assert sf.info(str(wav.path)).samplerate == 8000
+
+
 def test_labels_and_stems_are_checked(tmp_path) -> None:
     writer = AudioWriter.from_config()
     x = _tones([440, 880])
