@@ -127,7 +127,7 @@ def save_strip(
             f = frames[i, k]
             tile = Image.fromarray(f[..., 0] if c == 1 else f, mode="L" if c == 1 else "RGB").convert("RGB")
             at = (left + PAD + k * (ws + PAD), top + PAD + i * (hs + PAD))
-            canvas.paste(tile.resize((ws, hs), Image.NEAREST), at)
+            canvas.paste(tile.resize((ws, hs), Image.Resampling.NEAREST), at)
     for i, label in enumerate(shown):
         draw.text((4, top + PAD + i * (hs + PAD) + hs // 2 - 6), label, fill=(0, 0, 0), font=font)
     canvas.save(path, format="PNG")
