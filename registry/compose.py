@@ -341,7 +341,12 @@ def _writers(regs: Registries, cfg: RunConfig) -> dict[str, MediaWriter]:
     writers = {}
     for name in cfg.modalities:
         if name in regs.writers:
-            writers[name] = regs.writers.build(name)
+            try:
+                writers[name] = regs.writers.build(name, cfg.modalities[name].writer_options or None)
+            except ConfigError:  # an option's own key-naming message
+                raise
+            except ValueError as err:  # e.g. a writer that takes no options
+                raise ConfigError(f"config key 'modalities.{name}.writer_options': {err}") from err
         elif cfg.output.samples and name in cfg.generated():
             raise ConfigError(
                 f"modality {name!r} is generated but no plugin registers a writer for it (hook "

@@ -111,6 +111,8 @@ class ModalityConfig:
     loss_weight: float = attrs.field(default=1.0, validator=_v.ge(0))
     reference: str | None = None
     reference_options: dict[str, Any] = attrs.field(factory=dict)
+    # options of the modality's writer (the entry named after the modality), e.g. {fps = 10}
+    writer_options: dict[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.frozen(kw_only=True)

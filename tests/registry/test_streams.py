@@ -348,3 +348,16 @@ def test_logged_rows_average_each_modality_over_the_steps_that_have_it(tmp_path,
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [3, 6]
     assert any("flow/image" in r and "flow/text" in r for r in rows)  # a window with both streams
+
+
+def test_writer_options_reach_the_modality_s_writer(tmp_path, monkeypatch):
+    monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path / "cache"))
+    base = ["output.progress=false", 'model.preset="tiny"']
+    run = compose.build_run(
+        load_config(SHORT, [*base, "modalities.image.writer_options={scale = 3}"]), out_dir=tmp_path / "r"
+    )
+    assert run.writers["image"].config.scale == 3
+    with pytest.raises(ConfigError, match="'writer 'image'.scal': unknown key; did you mean 'writer 'image'.scale'"):
+        compose.build_run(
+            load_config(SHORT, [*base, "modalities.image.writer_options={scal = 3}"]), out_dir=tmp_path / "s"
+        )
