@@ -8,6 +8,7 @@
     selfflow eval CHECKPOINT [--metric NAME ... --samples N --cfg S --sampler NAME --steps N
                               --real|--reconstructions --out DIR]
     selfflow bench step|methods|image-methods|contention|video-data [...]
+    selfflow checkpoint export CHECKPOINT --out DIR
 
 Errors print one line and a hint; ``--debug`` shows the traceback. Every argument is checked
 before any work; ``sample`` and ``eval`` never modify a run's training outputs.
@@ -100,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--out", help="directory for the reports (default: RUN/eval/)")
 
+    ck = sub.add_parser("checkpoint", help="export a sharded (FSDP) checkpoint as single-file safetensors")
+    ck.add_argument("action", choices=["export"])
+    ck.add_argument("checkpoint", help="a checkpoint, a checkpoints/ folder or a run directory (its latest)")
+    ck.add_argument("--out", required=True, help="a new directory: the checkpoint goes to OUT/checkpoints/step_N")
     r = sub.add_parser("runs", help="registered runs")
     r.add_argument("action", choices=["list"])
 
@@ -408,6 +413,20 @@ BENCHMARKS = {  # selfflow bench NAME -> the module whose main(argv) runs it (be
 }
 
 
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    """``selfflow checkpoint export CKPT --out DIR``: a sharded checkpoint (``run.parallel =
+    'fsdp'``, any number of ranks) as a format-1 one (whole tensors, one file per part) for
+    sampling, evaluation or a DDP/one-process resume on one machine; docs/distributed.md."""
+    from selfflow.core.checkpoint import export_checkpoint
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"--out {out} is not empty; export writes a new directory")
+    final = export_checkpoint(args.checkpoint, out)
+    print(f"exported {final} (sample with: selfflow sample {out})")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -424,6 +443,7 @@ COMMANDS = {
     "plugins": cmd_plugins,
     "registry": cmd_registry,
     "bench": cmd_bench,
+    "checkpoint": cmd_checkpoint,
 }
 
 HINTS = {

@@ -13,30 +13,49 @@ A checkpoint is a directory ``step_0000500/``:
 The directory is written under a temporary name and renamed into place
 (``core/files.atomic_directory``), so a crash or a full disk mid-write leaves the previous
 checkpoint as it was; rewriting a step replaces its directory the same way.
+
+Sharded checkpoints (format 2, ``run.parallel = "fsdp"``) replace the four tensor files by
+``shards/``: one safetensors file per rank, written by every rank at once with
+``torch.distributed.checkpoint`` and its ``HuggingFaceStorageWriter``. Each file holds that
+rank's pieces of every tensor (model, teacher, objective, and the optimiser moments keyed
+``optimizer/FQN/NAME``) and, in its JSON header, where each piece sits in the whole tensor;
+DCP's own ``.metadata`` file (a pickle) is never written, and reading rebuilds the layout
+from those headers (``HuggingFaceStorageReader``), so nothing is unpickled. ``state.json``
+(rank 0: the optimiser's parameter groups, RNG states of every rank, the data position) and
+the manifest over every file come last, as in format 1. Loading reshards: a checkpoint of W
+ranks resumes on any number of ranks, or on one process with a plain model, and
+``export_checkpoint`` turns it into format 1 (``selfflow checkpoint export``) for sampling on
+one machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file
-from torch import Tensor
+from torch import Tensor, nn
 
-from selfflow.core import files
-from selfflow.core.distributed import shard
+from selfflow.core import distributed, files
+from selfflow.core.distributed import barrier, shard
 from selfflow.core.train_step import TrainState
 
 FORMAT = 1
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
+SHARDED_FORMAT = 2
+SHARDS = "shards"
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle", ".distcp")
+PARTS = ("model", "teacher", "objective")
 
 
 class CheckpointError(RuntimeError):
@@ -136,9 +155,14 @@ def save_checkpoint(
 ) -> Path | None:
     """Write ``directory/step_{state.step:07d}`` atomically and keep the last ``keep_last``.
 
-    Call on every rank (RNG states are gathered); only rank 0 writes. Returns the path on
-    rank 0, ``None`` elsewhere.
+    Call on every rank (RNG states are gathered); only rank 0 writes, except that a sharded
+    state (``state.sharded``, FSDP2) is written by every rank into ``shards/`` (format 2).
+    Returns the path on rank 0, ``None`` elsewhere.
     """
+    if state.sharded:
+        return _save_sharded(
+            Path(directory), state, generator=generator, data_position=data_position, extra=extra, keep_last=keep_last
+        )
     rngs = _gather_rng(generator)
     if not shard().is_main:
         return None
@@ -162,11 +186,300 @@ def save_checkpoint(
             "extra": extra or {},
         }
         (tmp / "state.json").write_text(json.dumps(meta))
-        names = sorted(p.name for p in tmp.iterdir())
-        manifest = {"format": FORMAT, "step": state.step, "sha256": {f: _sha256(tmp / f) for f in names}}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: it marks the checkpoint complete
+        _write_manifest(tmp, FORMAT, state.step)
+    _keep_last(directory, keep_last)
+    return final
+
+
+def _write_manifest(tmp: Path, fmt: int, step: int) -> None:
+    names = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    manifest = {"format": fmt, "step": step, "sha256": {f: _sha256(tmp / f) for f in names}}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: it marks the checkpoint complete
+
+
+def _keep_last(directory: Path, keep_last: int) -> None:
     for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- sharded (format 2)
+
+
+def _trained(state: TrainState) -> nn.Module:
+    """The student and the objective under one root, so the optimiser's parameters have
+    fully qualified names (``model.blocks.0.qkv.weight``, ``objective.projector.0.weight``)."""
+    holder = nn.Module()
+    holder.model = state.module
+    holder.objective = state.objective
+    return holder
+
+
+def _broadcast_str(value: str | None) -> str:
+    sh = shard()
+    if sh.world == 1:
+        assert value is not None
+        return value
+    box: list[Any] = [value]
+    dist.broadcast_object_list(box, src=0)  # between our own ranks, never from a file
+    return str(box[0])
+
+
+def _module_tensors(state: TrainState) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for part, module in zip(PARTS, (state.module, state.teacher, state.objective)):
+        out.update({f"{part}/{k}": v for k, v in module.state_dict().items()})
+    return out
+
+
+def _optimizer_state(state: TrainState) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(_trained(state), state.optimizer)
+
+
+def _optimizer_tensors(osd: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for fqn, st in osd["state"].items():
+        for name, value in st.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer/{fqn}/{name}"] = value
+            else:
+                scalars.setdefault(fqn, {})[name] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _save_sharded(
+    directory: Path,
+    state: TrainState,
+    *,
+    generator: torch.Generator | None,
+    data_position: dict[str, Any] | None,
+    extra: dict[str, Any] | None,
+    keep_last: int,
+) -> Path | None:
+    """Format 2: every rank writes its shards with DCP into the one temporary directory rank 0
+    made (a filesystem every rank sees: the same machine, or a shared one across nodes)."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    rngs = _gather_rng(generator)
+    sh = shard()
+    final = directory / f"step_{state.step:07d}"
+    stack = contextlib.ExitStack()
+    with stack:
+        tmp_name = None
+        if sh.is_main:
+            directory.mkdir(parents=True, exist_ok=True)
+            files.clean_stale(directory)
+            tmp_name = str(stack.enter_context(files.atomic_directory(final)))
+        tmp = Path(_broadcast_str(tmp_name))
+        opt_tensors, opt_meta = _optimizer_tensors(_optimizer_state(state))
+        tensors = {**_module_tensors(state), **opt_tensors}
+        writer = HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp_save(tensors, storage_writer=writer, no_dist=sh.world == 1)
+        barrier()  # every rank's file is complete before rank 0 hashes them
+        if sh.is_main:
+            meta = {
+                "format": SHARDED_FORMAT,
+                "step": state.step,
+                "world": sh.world,
+                "optimizer": opt_meta,
+                "lr_schedule": None if state.lr_schedule is None else state.lr_schedule.state_dict(),
+                "rng": rngs,
+                "data_position": data_position or {},
+                "extra": extra or {},
+            }
+            (tmp / "state.json").write_text(json.dumps(meta))
+            _write_manifest(tmp, SHARDED_FORMAT, state.step)
+    barrier()  # the checkpoint is in place before any rank goes on (and could read it)
+    if not sh.is_main:
+        return None
+    _keep_last(directory, keep_last)
+    return final
+
+
+def _shard_files(ckpt: Path) -> list[Path]:
+    found = sorted((ckpt / SHARDS).glob("*.safetensors"))
+    if not found:
+        raise CheckpointError(f"{ckpt / SHARDS} holds no shard files; the checkpoint is incomplete")
+    return found
+
+
+def _shard_layout(ckpt: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every tensor of a sharded checkpoint: its whole shape and dtype, from the files' JSON
+    headers only."""
+    out: dict[str, tuple[list[int], torch.dtype]] = {}
+    for f in _shard_files(ckpt):
+        with safe_open(str(f), framework="pt") as h:
+            info = _sharding_info(h, f)
+            for k in h.keys():  # noqa: SIM118 (safe_open is not a dict)
+                sl = h.get_slice(k)
+                shape, off = list(sl.get_shape()), info[k]["saved_offsets"]
+                end = [o + n for o, n in zip(off, shape)]
+                if k in out:
+                    end = [max(a, b) for a, b in zip(out[k][0], end)]
+                out[k] = (end, _DTYPES[sl.get_dtype()])
+    return {k: (tuple(v[0]), v[1]) for k, v in out.items()}
+
+
+_DTYPES = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+
+
+def _sharding_info(h: Any, f: Path) -> dict[str, Any]:
+    try:
+        return json.loads((h.metadata() or {})["DCP_SHARDING_INFO"])
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"{f} has no DCP sharding information in its header ({err}); it is not a selfflow shard"
+        ) from err
+
+
+def read_sharded(ckpt: Path, prefix: str) -> dict[str, Tensor]:
+    """The whole tensors under ``prefix/`` of a sharded checkpoint, assembled from every
+    rank's pieces on this process (no process group, no pickle). ``prefix`` is ``model``,
+    ``teacher``, ``objective`` or ``optimizer``; keys lose it."""
+    pieces: dict[str, list[tuple[list[int], Tensor]]] = {}
+    for f in _shard_files(ckpt):
+        with safe_open(str(f), framework="pt") as h:
+            info = _sharding_info(h, f)
+            for k in h.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if k.startswith(prefix + "/"):
+                    pieces.setdefault(k[len(prefix) + 1 :], []).append((info[k]["saved_offsets"], h.get_tensor(k)))
+    out: dict[str, Tensor] = {}
+    for k, parts in pieces.items():
+        ndim = parts[0][1].dim()
+        size = [max(off[i] + t.shape[i] for off, t in parts) for i in range(ndim)]
+        whole = torch.empty(size, dtype=parts[0][1].dtype)
+        covered = 0
+        for off, t in parts:
+            whole[tuple(slice(o, o + n) for o, n in zip(off, t.shape))] = t
+            covered += t.numel()
+        if covered != whole.numel():
+            raise CheckpointError(
+                f"{ckpt / SHARDS}: the pieces of {prefix}/{k} cover {covered} of its {whole.numel()} elements; "
+                "a shard file is missing"
+            )
+        out[k] = whole
+    return out
+
+
+def _check_fits(ckpt: Path, targets: dict[str, Tensor]) -> None:
+    """One line when the checkpoint's tensors do not fit this run's (another model or config)."""
+    layout = _shard_layout(ckpt)
+    shapes = [k for k in targets if k in layout and tuple(targets[k].shape) != layout[k][0]]
+    missing = [k for k in targets if k not in layout]
+    unexpected = [k for k in layout if k not in targets]
+    if shapes or missing or unexpected:
+        parts = []
+        if shapes:
+            k = shapes[0]
+            parts.append(
+                f"{len(shapes)} tensors differ in shape (e.g. {k}: {layout[k][0]} in the checkpoint, "
+                f"{tuple(targets[k].shape)} here)"
+            )
+        if missing:
+            parts.append(f"{len(missing)} tensors are missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} are not in this run (e.g. {unexpected[0]})")
+        raise CheckpointError(
+            f"{ckpt / SHARDS} does not fit this model: {'; '.join(parts)}; it was written with another model or "
+            "objective config: use the config it recorded, or start a new run"
+        )
+
+
+def _load_sharded(ckpt: Path, state: TrainState, meta: dict[str, Any]) -> None:
+    """Format 2 into ``state`` on any number of ranks: DCP reads each rank's part of every
+    tensor (resharding as needed) straight into the model's, teacher's, objective's and
+    optimiser's tensors."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    modules = _module_tensors(state)
+    osd = _optimizer_state(state)  # fresh AdamW state is created here, to be read into
+    opt_tensors, _ = _optimizer_tensors(osd)
+    targets = {**modules, **opt_tensors}
+    _check_fits(ckpt, targets)
+    one = not (dist.is_available() and dist.is_initialized())  # one process: a plain model reads whole tensors
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp_load(targets, storage_reader=HuggingFaceStorageReader(str(ckpt / SHARDS)), no_dist=one)
+    for part, module in zip(PARTS, (state.module, state.teacher, state.objective)):
+        module.load_state_dict({k[len(part) + 1 :]: v for k, v in modules.items() if k.startswith(part + "/")})
+    saved = meta["optimizer"]
+    new_state: dict[str, dict[str, Any]] = {}
+    for key, value in opt_tensors.items():
+        fqn, name = key[len("optimizer/") :].rsplit("/", 1)
+        new_state.setdefault(fqn, {})[name] = value
+    for fqn, st in saved.get("scalars", {}).items():
+        new_state.setdefault(fqn, {}).update(st)
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in saved["param_groups"]]
+    try:
+        set_optimizer_state_dict(
+            _trained(state), state.optimizer, optim_state_dict={"state": new_state, "param_groups": groups}
+        )
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{ckpt} does not fit this optimiser ({err}); it was written with another model or objective config: "
+            "use the config it recorded, or start a new run"
+        ) from err
+
+
+def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A sharded checkpoint (format 2) as a format-1 one, on one process: whole tensors in
+    ``model/teacher/objective/optimizer.safetensors``, the optimiser state keyed by parameter
+    index as ``torch.optim`` numbers them, the same ``state.json`` otherwise. Written as
+    ``out/checkpoints/step_N`` (a run directory: ``selfflow sample OUT`` reads it). A
+    format-1 checkpoint is copied as it is. Returns the new checkpoint directory."""
+    ckpt = resolve(path)
+    manifest = verify(ckpt)
+    meta = json.loads((ckpt / "state.json").read_text())
+    final = Path(out) / "checkpoints" / f"step_{int(meta['step']):07d}"
+    if final.exists():
+        raise CheckpointError(f"{final} exists; give another --out (export never overwrites a checkpoint)")
+    files.clean_stale(final.parent)
+    with files.atomic_directory(final) as tmp:
+        if manifest.get("format", meta.get("format")) != SHARDED_FORMAT:
+            for f in ckpt.iterdir():
+                shutil.copyfile(f, tmp / f.name)
+            return final
+        for part in PARTS:
+            _save_tensors(read_sharded(ckpt, part), tmp / f"{part}.safetensors")
+        moments = read_sharded(ckpt, "optimizer")
+        saved = meta["optimizer"]
+        index: dict[str, int] = {}
+        groups = []
+        for g in saved["param_groups"]:
+            ids = []
+            for fqn in g["params"]:
+                index[fqn] = len(index)
+                ids.append(index[fqn])
+            groups.append({**g, "params": ids})
+        opt: dict[str, Tensor] = {}
+        for key, value in moments.items():
+            fqn, name = key.rsplit("/", 1)
+            opt[f"{index[fqn]}.{name}"] = value
+        _save_tensors(opt, tmp / "optimizer.safetensors")
+        scalars = {str(index[f]): v for f, v in saved.get("scalars", {}).items()}
+        meta = {**meta, "format": FORMAT, "optimizer": {"param_groups": groups, "scalars": scalars}}
+        meta["extra"] = {**meta.get("extra", {}), "exported_from": str(ckpt)}
+        (tmp / "state.json").write_text(json.dumps(meta))
+        _write_manifest(tmp, FORMAT, int(meta["step"]))
     return final
 
 
@@ -218,8 +531,8 @@ def verify(path: Path) -> dict[str, Any]:
             raise CheckpointError(
                 f"{f} does not match its sha256 in the manifest: it was truncated or modified; refusing to load"
             )
-    for f in path.iterdir():
-        if f.suffix in PICKLE_SUFFIXES:
+    for f in path.rglob("*"):
+        if f.suffix in PICKLE_SUFFIXES or f.name == ".metadata":  # DCP's default metadata file is a pickle
             raise CheckpointError(f"{f} is a pickle-based file inside a checkpoint; selfflow never unpickles files")
     return manifest
 
@@ -228,6 +541,8 @@ def load_weights(path: str | os.PathLike, which: str = "teacher") -> dict[str, T
     """Verified tensors of one part (``model``, ``teacher``, ``objective``) of a checkpoint."""
     ckpt = resolve(path)
     verify(ckpt)
+    if (ckpt / SHARDS).is_dir():  # format 2: assembled from every rank's pieces
+        return read_sharded(ckpt, which)
     return load_file(str(ckpt / f"{which}.safetensors"))
 
 
@@ -310,8 +625,18 @@ def load_checkpoint(
     ckpt = resolve(path)
     verify(ckpt)
     meta = json.loads((ckpt / "state.json").read_text())
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{ckpt} has format {meta.get('format')}, this selfflow reads format {FORMAT}")
+    if meta.get("format") not in (FORMAT, SHARDED_FORMAT):
+        raise CheckpointError(
+            f"{ckpt} has format {meta.get('format')}, this selfflow reads formats {FORMAT} and {SHARDED_FORMAT}"
+        )
+    if meta["format"] == SHARDED_FORMAT:
+        _load_sharded(ckpt, state, meta)
+        return _restore_rest(state, meta, generator)
+    if distributed.is_sharded(state.module):
+        raise CheckpointError(
+            f"{ckpt} is a whole-model checkpoint (format {FORMAT}) and this run's model is sharded "
+            "(run.parallel = 'fsdp'); resume it with run.parallel = 'ddp' (any number of processes)"
+        )
     device = next(state.module.parameters()).device
     _load_module(state.module, ckpt / "model.safetensors", device)
     _load_module(state.teacher, ckpt / "teacher.safetensors", device)
@@ -324,6 +649,13 @@ def load_checkpoint(
             f"{ckpt / 'optimizer.safetensors'} does not fit this optimiser ({err}); it was written with another "
             "model or objective config: use the config it recorded, or start a new run"
         ) from err
+    return _restore_rest(state, meta, generator)
+
+
+def _restore_rest(state: TrainState, meta: dict[str, Any], generator: torch.Generator | None) -> dict[str, Any]:
+    """Schedule, step and this rank's RNG states. A rank the checkpoint did not have (a
+    resume on more ranks) takes rank 0's: the training generator is the same on every rank
+    (random numbers are drawn for the global batch), the data position is global."""
     if state.lr_schedule is not None and meta["lr_schedule"] is not None:
         state.lr_schedule.load_state_dict(meta["lr_schedule"])
     state.step = int(meta["step"])

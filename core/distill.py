@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfflow.core.distributed import local
+
 
 @attrs.frozen(kw_only=True)
 class EMAConfig:
@@ -23,7 +25,13 @@ class EMAConfig:
 
 class EMATeacher(nn.Module):
     """An exponential moving average of a model, used as the Self-Flow teacher and as the
-    evaluation model. Never requires grad; starts as an exact copy."""
+    evaluation model. Never requires grad; starts as an exact copy.
+
+    Under FSDP2 (``run.parallel = "fsdp"``) the teacher is a sharded model in its own right
+    (``distributed.shard_teacher``): the same per-block plan as the student, so each rank's
+    teacher shard and student shard cover the same elements and ``update`` lerps local
+    shards with no collective; its forward (the Self-Flow truncated one included) gathers
+    each block it runs and frees it again."""
 
     num_updates: Tensor  # () long buffer, declared for the type checker
 
@@ -49,11 +57,22 @@ class EMATeacher(nn.Module):
     def update(self, student: nn.Module) -> float:
         """``theta' <- d theta' + (1 - d) theta``; buffers are copied. Returns the decay used."""
         d = self.current_decay()
-        ema: list[Tensor] = list(self.model.parameters())
-        cur = [p.detach() for p in student.parameters()]
+        reshard = getattr(self.model, "reshard", None)
+        if reshard is not None:  # FSDP: the parameters are the shards again (a no-op after a forward)
+            reshard()
+        ema: list[Tensor] = [local(p) for p in self.model.parameters()]
+        cur = [local(p.detach()) for p in student.parameters()]
         if len(ema) != len(cur):
             raise RuntimeError("EMA teacher and student have different parameter lists")
-        torch._foreach_lerp_(ema, cur, 1.0 - d)
+        for a, b in zip(ema, cur):
+            if a.shape != b.shape:
+                raise RuntimeError(
+                    f"EMA teacher and student shards differ in shape ({tuple(a.shape)} vs {tuple(b.shape)}): "
+                    "shard the teacher with the student's plan (distributed.shard_teacher)"
+                )
+        pairs = [(a, b) for a, b in zip(ema, cur) if a.numel()]  # an uneven FSDP split leaves empty shards
+        if pairs:
+            torch._foreach_lerp_([a for a, _ in pairs], [b for _, b in pairs], 1.0 - d)
         for b_ema, b in zip(self.model.buffers(), student.buffers()):
             b_ema.copy_(b)
         self.num_updates += 1

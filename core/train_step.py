@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from selfflow.core.distill import EMATeacher
-from selfflow.core.distributed import all_reduce_grads, shard
+from selfflow.core.distributed import all_reduce_grads, grad_norm_, shard
 from selfflow.core.types import LossBreakdown, TokenBatch
 
 
@@ -76,6 +76,7 @@ class TrainState:
     lr_schedule: torch.optim.lr_scheduler.LRScheduler | None = None
     step: int = 0
     grad_clip: float = 1.0
+    sharded: bool = False  # FSDP2 (run.parallel = "fsdp"): checkpoints are sharded (core.checkpoint)
 
     @property
     def module(self) -> nn.Module:
@@ -217,9 +218,12 @@ def train_step(
         raise ValueError("train_step needs at least one micro-batch")
     parts = []
     for i, batch in enumerate(micros):
-        # DDP synchronises gradients only on the last micro-batch
+        # DDP synchronises gradients only on the last micro-batch; FSDP2 likewise reduce-scatters once
         no_sync = getattr(state.model, "no_sync", None)
         sync = i == len(micros) - 1 or no_sync is None
+        for m in (state.model, *state.objective.children()):
+            if hasattr(m, "set_requires_gradient_sync"):
+                m.set_requires_gradient_sync(i == len(micros) - 1)
         with (
             contextlib.nullcontext() if sync else cast(Callable[[], contextlib.AbstractContextManager[None]], no_sync)()
         ):
@@ -232,7 +236,7 @@ def train_step(
     # DDP averaged the model's gradients; heads outside it (the projector) are averaged here
     all_reduce_grads([p for p in state.objective.parameters() if p.requires_grad])
     params = state.trainable_parameters()
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, state.grad_clip))
+    grad_norm = grad_norm_(params, state.grad_clip)
     mean = mean_losses(parts)
     global_loss = _global_mean(mean.total)
     refusal = _refusal(state, mean.detached(), global_loss, grad_norm, max_loss)

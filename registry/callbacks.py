@@ -30,6 +30,7 @@ class SampleCallback:
         self.final_files: list[MediaFile] = []
 
     def write(self, step: int, final: bool) -> None:
+        self.run_ref[0].gather_teacher()  # under FSDP every rank joins the gather; rank 0 samples
         if not distributed.shard().is_main:
             return
         from selfflow.registry.sampling import write_samples
@@ -88,6 +89,7 @@ class EvalCallback:
         pass
 
     def on_end(self, loop: Loop) -> None:
+        self.run_ref[0].gather_teacher()  # under FSDP every rank joins the gather; rank 0 evaluates
         if not distributed.shard().is_main:
             return
         from selfflow.registry.evaluate import evaluate, write_report

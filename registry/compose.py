@@ -265,7 +265,11 @@ def build_run(
         refs = {m: run.reference(m) for m in cfg.generated()}
         encoder = builders.alignment_encoder(refs, tokenizers)
     objective = builders.build_objective(cfg, model, builders.mask_ratios(cfg, tokenizers), encoder).to(dev)
-    wrapped = distributed.wrap_model(model, dev)
+    wrapped = distributed.wrap_model(model, dev, cfg.run.parallel)
+    fsdp = cfg.run.parallel == "fsdp"
+    if fsdp and shard.world > 1:  # the teacher and the heads with the student's plan (docs/distributed.md)
+        distributed.shard_teacher(teacher, dev)
+        distributed.shard_heads(objective, dev)
     optimizer, schedule = builders.build_optimizer(cfg, list(model.parameters()) + list(objective.parameters()))
     run.state = TrainState(
         model=wrapped,
@@ -274,6 +278,7 @@ def build_run(
         optimizer=optimizer,
         lr_schedule=schedule,
         grad_clip=cfg.optimizer.grad_clip,
+        sharded=fsdp,
     )
 
     sources = {
@@ -392,6 +397,7 @@ def write_summary(run: Run, extra: dict[str, Any] | None = None) -> Path:
     """``summary.md``: what ran, how long, the last losses and where the files are (the
     sample files are whatever each modality's writer wrote)."""
     cfg = run.config
+    teacher = run.state.teacher.model  # (sharded under FSDP: its config and global sizes are all this reads)
     last = run.loop.history[-1] if run.loop.history else {}
     streams = ", ".join(
         f"{n} (generate {list(st.generate)}" + (f", condition {list(st.condition)}" if st.condition else "") + ")"
@@ -402,8 +408,8 @@ def write_summary(run: Run, extra: dict[str, Any] | None = None) -> Path:
         "",
         f"- steps: {run.state.step}, global batch {cfg.run.batch_size}, seed {cfg.run.seed}",
         f"- streams: {streams}",
-        f"- model: width {run.teacher.cfg.width}, depth {run.teacher.cfg.depth}, heads {run.teacher.cfg.heads}, "
-        f"{run.teacher.num_parameters():,} parameters",
+        f"- model: width {teacher.cfg.width}, depth {teacher.cfg.depth}, heads {teacher.cfg.heads}, "
+        f"{teacher.num_parameters():,} parameters",
         f"- objective: {cfg.objective.name}; EMA decay {cfg.ema.decay} (warmup {cfg.ema.warmup})",
         f"- device: {run.device}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
     ]

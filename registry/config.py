@@ -91,6 +91,8 @@ class RunSection:
     output_dir: str = attrs.field(default="runs/{name}", validator=_output_dir)
     device: str = "auto"
     threads: int = attrs.field(default=0, validator=_v.ge(0))  # 0: torch's, fewer when others keep cores busy
+    # under torchrun: "ddp" replicates the model, "fsdp" shards student, teacher and heads (FSDP2); docs/distributed.md
+    parallel: str = attrs.field(default="ddp", validator=_in("ddp", "fsdp"))
     tune_allocator: bool = True  # CPU runs: keep freed memory in the process (core.runtime)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 import torch
 
+from selfflow.core import distributed
 from selfflow.core.checkpoint import list_checkpoints
 from selfflow.core.conditioning import ConditionRule
 from selfflow.core.loop import Loop
@@ -24,6 +25,7 @@ from selfflow.core.model import FlowTransformer
 from selfflow.core.train_step import TrainState
 from selfflow.plugins.batching import EncodedData
 from selfflow.plugins.protocols import Dataset, FeatureNetwork, MediaWriter, ReferenceContext, Tokenizer
+from selfflow.plugins.shards import ShardData
 from selfflow.registry.config import ConfigError, RunConfig, StreamConfig
 from selfflow.registry.registry import Registries
 
@@ -38,7 +40,7 @@ class Stream:
     config: StreamConfig
     train: Dataset
     eval: Dataset
-    encoded: EncodedData
+    encoded: EncodedData | ShardData  # in memory, or read from `selfflow encode`'s shards (streams[i].shards)
     rule: ConditionRule
 
     @property
@@ -70,9 +72,36 @@ class Run:
     wall_time: float = 0.0
     _references: dict[str, FeatureNetwork] = attrs.field(factory=dict)
 
+    _gathered: tuple[int, FlowTransformer] | None = None
+
     @property
     def teacher(self) -> FlowTransformer:
-        return self.state.teacher.model
+        """The EMA model that samples and evaluations use. Under FSDP2 (sharded) it is the
+        whole copy ``gather_teacher`` made at this step (a collective: every rank calls it)."""
+        model = self.state.teacher.model
+        if not distributed.is_sharded(model):
+            return model
+        if self._gathered is None or self._gathered[0] != self.state.step:
+            raise RuntimeError(
+                "the EMA teacher is sharded (run.parallel = 'fsdp'): call run.gather_teacher() on every rank "
+                "before sampling or evaluating on one"
+            )
+        return self._gathered[1]
+
+    def gather_teacher(self) -> None:
+        """Under FSDP2, all-gather the sharded teacher into a whole ``FlowTransformer`` kept by
+        rank 0 for ``teacher`` (call on every rank; nothing happens when it is not sharded)."""
+        model = self.state.teacher.model
+        if not distributed.is_sharded(model):
+            return
+        tensors = {k: distributed.full_tensor(v) for k, v in model.state_dict().items()}
+        if not distributed.shard().is_main:
+            return
+        with torch.random.fork_rng(devices=[]):  # building a model draws its init: keep the run's RNG as it was
+            whole = FlowTransformer(model.cfg).to(self.device)
+        whole.load_state_dict(tensors)
+        whole.requires_grad_(False).eval()
+        self._gathered = (self.state.step, whole)
 
     def train(self, *, until: int | None = None) -> list[dict[str, float]]:
         t0 = time.perf_counter()
