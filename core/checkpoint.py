@@ -431,7 +431,9 @@ def _load_sharded(ckpt: Path, state: TrainState, meta: dict[str, Any]) -> None:
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in saved["param_groups"]]
     try:
         set_optimizer_state_dict(
-            _trained(state), state.optimizer, optim_state_dict={"state": new_state, "param_groups": groups}
+            _trained(state),
+            state.optimizer,
+            optim_state_dict={"state": new_state, "param_groups": groups},  # type: ignore[dict-item]
         )
     except (ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(

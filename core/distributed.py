@@ -140,10 +140,9 @@ def shard_model(model: nn.Module, device: torch.device, *, reshard_root: bool | 
     from torch.distributed.fsdp import fully_shard
 
     mesh = _mesh(device)
-    after = {} if reshard_root is None else {"reshard_after_forward": reshard_root}
     for block in getattr(model, "blocks", ()):
-        fully_shard(block, mesh=mesh, **after)
-    fully_shard(model, mesh=mesh, **after)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_root)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_root)
     return model
 
 
