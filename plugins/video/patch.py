@@ -39,6 +39,16 @@ class VideoPatchConfig:
     fps: float = attrs.field(default=10.0, converter=float, validator=_positive)
 
 
+def check_fps(dataset, fps: float, who: str) -> None:
+    """A dataset that states one frame rate (``dataset.fps > 0``) must match the tokenizer's."""
+    rate = float(getattr(dataset, "fps", 0) or 0)
+    if rate > 0 and abs(rate - fps) > 1e-6:
+        raise ValueError(
+            f"{who} is set to fps = {fps:g} but the dataset's clips are {rate:g} fps: set the same fps in the "
+            f"tokenizer_options (fps = {rate:g}), or resample the clips with the dataset's fps option"
+        )
+
+
 def as_video_batch(media: object, channels: int, pt: int, p: int) -> Tensor:
     """``media`` as ``(B, C, T, H, W)`` (an image batch ``(B, C, H, W)`` gains ``T = 1``), or
     an error that says what was expected."""
@@ -86,7 +96,9 @@ class VideoPatchTokenizer:
         return c.video_channels * c.frames_per_patch * c.patch**2
 
     def fit(self, dataset, *, cache_dir: str | None = None, generator: torch.Generator | None = None) -> None:
-        """Nothing to learn."""
+        """Nothing to learn; the clips' frame rate is checked against ``fps`` (the time
+        positions are computed from it, so a mismatch would put every token at the wrong time)."""
+        check_fps(dataset, self.config.fps, "video/patch")
 
     def cache_key(self) -> str:
         c = self.config

@@ -83,3 +83,13 @@ def test_the_plugin_registers_its_entries():
     assert {"video/patch", "video/moving-digits", "video/folder", "video"} <= set(added)
     factory, config_cls, doc = added["video/patch"]
     assert isinstance(factory(config_cls(patch=8)), VideoPatchTokenizer) and doc
+
+
+def test_fit_refuses_clips_at_another_frame_rate():
+    from types import SimpleNamespace
+
+    tok = VideoPatchTokenizer(VideoPatchConfig(fps=10))
+    tok.fit(SimpleNamespace(fps=10.0))  # the same rate, and a dataset that states none (fps 0), pass
+    tok.fit(SimpleNamespace(fps=0.0))
+    with pytest.raises(ValueError, match="fps = 10 but the dataset's clips are 25 fps.*fps = 25"):
+        tok.fit(SimpleNamespace(fps=25.0))
