@@ -2,6 +2,7 @@
 
     selfflow train [RUN | --config FILE] [--set key=value ...] [--resume DIR] [--out DIR] [--overwrite]
     selfflow sample CHECKPOINT [--steps N --cfg S --sampler NAME --n N --labels 0,1,2 --out DIR]
+    selfflow encode RUN [--set key=value ...] --out DIR [--stream NAME --per-shard N --overwrite]
     selfflow runs list
     selfflow plugins list
     selfflow registry show NAME
@@ -100,6 +101,16 @@ def _parser() -> argparse.ArgumentParser:
         "writes eval/eval_reconstructions*)",
     )
     e.add_argument("--out", help="directory for the reports (default: RUN/eval/)")
+
+    en = sub.add_parser("encode", help="encode a run's streams once into WebDataset shards (streams[i].shards)")
+    en.add_argument("run", help="a registered run name or a TOML file")
+    en.add_argument("--out", required=True, help="shard directory (a run of several streams: one folder per stream)")
+    en.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    en.add_argument("--stream", help="encode only this stream (default: every stream)")
+    en.add_argument("--per-shard", type=int, default=1000, help="items per tar shard (default 1000)")
+    en.add_argument("--overwrite", action="store_true", help="replace shards of another encoding in --out")
 
     ck = sub.add_parser("checkpoint", help="export a sharded (FSDP) checkpoint as single-file safetensors")
     ck.add_argument("action", choices=["export"])
@@ -413,6 +424,32 @@ BENCHMARKS = {  # selfflow bench NAME -> the module whose main(argv) runs it (be
 }
 
 
+def cmd_encode(args: argparse.Namespace) -> int:
+    from selfflow.plugins.shards import shard_bytes
+    from selfflow.registry.compose import resolve_config
+    from selfflow.registry.encode import encode_run
+
+    if args.per_shard < 1:
+        raise UsageError(f"--per-shard must be at least 1, got {args.per_shard}")
+    cfg = resolve_config(args.run, overrides=args.overrides)
+    done = encode_run(
+        cfg,
+        args.out,
+        stream=args.stream,
+        per_shard=args.per_shard,
+        overwrite=args.overwrite,
+        progress=cfg.output.progress,
+    )
+    for e in done:
+        idx = e.index
+        print(
+            f"{e.name}: {idx['items']} items in {len(idx['shards'])} shards ({shard_bytes(idx) / 2**20:.1f} MiB) "
+            f"at {e.directory}"
+        )
+    print("train on them with: " + " ".join(e.setting for e in done))
+    return 0
+
+
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     """``selfflow checkpoint export CKPT --out DIR``: a sharded checkpoint (``run.parallel =
     'fsdp'``, any number of ranks) as a format-1 one (whole tensors, one file per part) for
@@ -439,6 +476,7 @@ COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
     "eval": cmd_eval,
+    "encode": cmd_encode,
     "runs": cmd_runs,
     "plugins": cmd_plugins,
     "registry": cmd_registry,
@@ -456,6 +494,7 @@ HINTS = {
     "NonFiniteLossError": "resume from the last checkpoint whose losses were sane with a lower learning rate: "
     "selfflow train --resume CHECKPOINT --set optimizer.lr=... (an older checkpoint than the run's last also needs "
     "--overwrite, or --out NEW to branch)",
+    "ShardError": "selfflow encode RUN --out DIR writes a shard directory; --overwrite replaces another encoding",
     "ImportError": "install the extra named above",
     "ModuleNotFoundError": "install the extra named above",
 }

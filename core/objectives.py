@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from selfflow.core import path
+from selfflow.core.acceleration import full_precision
 from selfflow.core.attention import separation_mask
 from selfflow.core.distill import Projector, representation_loss
 from selfflow.core.distributed import batch_rand, unwrap
@@ -67,7 +68,15 @@ def flow_loss(
     batch: TokenBatch, noise: tuple[Tensor | None, ...], out: ModelOutput, weights: Mapping[str, float]
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """MSE between predicted and target velocity, mean over generated tokens and channels,
-    per segment, summed with the per-modality weights (default 1)."""
+    per segment, summed with the per-modality weights (default 1). In float32 with autocast off
+    whatever precision the forward ran in (``core.acceleration``)."""
+    with full_precision(batch.device):
+        return _flow_loss(batch, noise, out, weights)
+
+
+def _flow_loss(
+    batch: TokenBatch, noise: tuple[Tensor | None, ...], out: ModelOutput, weights: Mapping[str, float]
+) -> tuple[Tensor, dict[str, Tensor]]:
     total = torch.zeros((), device=batch.device)
     per: dict[str, Tensor] = {}
     for seg, eps, v in zip(batch.segments, noise, out.velocity):
@@ -80,6 +89,14 @@ def flow_loss(
         per[seg.modality] = mse.detach()
         total = total + weights.get(seg.modality, 1.0) * mse
     return total, per
+
+
+def aligned(projected: Tensor, target: Tensor, tokens: Tensor) -> Tensor:
+    """``representation_loss`` of ``projected (B, N, D)`` against ``target (B, N, D)`` in
+    float32 with autocast off: the cosine's normalisation of bf16 activations is where
+    REPA-style losses turn NaN."""
+    with full_precision(projected.device):
+        return representation_loss(projected.float(), target.float(), tokens)
 
 
 def _default_layer(depth: int, frac: float) -> int:
@@ -200,7 +217,7 @@ class SelfFlow(nn.Module):
         if cfg.representation_tokens == "masked":
             tokens = tokens & steps.masked
         assert self.projector is not None, "built whenever config.representation is on"
-        rep = representation_loss(self.projector(out.hidden[self.student_layer]), target, tokens)
+        rep = aligned(self.projector(out.hidden[self.student_layer]), target, tokens)
         # 9. total
         return LossBreakdown(total=flow + cfg.gamma * rep, flow=flow, representation=rep, per_modality=per)
 
@@ -265,5 +282,5 @@ class ExternalAlignment(nn.Module):
                 f"encoder features have shape {tuple(target.shape)}; expected (B, {hidden.shape[1]}, E) "
                 "for the generated tokens, or (B, E)"
             )
-        rep = representation_loss(self.projector(hidden), target, tokens)
+        rep = aligned(self.projector(hidden), target, tokens)
         return LossBreakdown(total=flow + self.gamma * rep, flow=flow, representation=rep, per_modality=per)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from selfflow.core.acceleration import autocast
 from selfflow.core.distill import EMATeacher
 from selfflow.core.distributed import all_reduce_grads, grad_norm_, shard
 from selfflow.core.types import LossBreakdown, TokenBatch
@@ -76,6 +77,8 @@ class TrainState:
     lr_schedule: torch.optim.lr_scheduler.LRScheduler | None = None
     step: int = 0
     grad_clip: float = 1.0
+    # autocast dtype of the forward passes (run.precision: bf16 on CUDA), None: float32; core.acceleration
+    precision: torch.dtype | None = None
     sharded: bool = False  # FSDP2 (run.parallel = "fsdp"): checkpoints are sharded (core.checkpoint)
 
     @property
@@ -229,7 +232,8 @@ def train_step(
         ):
             # student + teacher forward and the losses, then the generation + representation gradients;
             # a non-finite loss is back-propagated too, so every rank joins the same gradient all-reduce
-            losses = state.objective(state.model, batch, teacher=state.teacher, generator=generator)
+            with autocast(state.precision, batch.device):  # fp32 master weights; the losses are fp32
+                losses = state.objective(state.model, batch, teacher=state.teacher, generator=generator)
             (losses.total * (1.0 / len(micros))).backward()
         parts.append(losses)
 

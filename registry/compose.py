@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import platform
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +22,22 @@ import torch
 
 from selfflow.core import checkpoint as ckpt
 from selfflow.core import distributed
+from selfflow.core.acceleration import compile_blocks, resolve_compile, resolve_precision
 from selfflow.core.conditioning import ConditionRule
 from selfflow.core.distill import EMATeacher
 from selfflow.core.loop import Loop, LoopConfig
 from selfflow.core.model import FlowTransformer
 from selfflow.core.train_step import TrainState
-from selfflow.plugins.batching import MixedSource, TokenSource, encode_dataset
+from selfflow.plugins.batching import EncodedData, MixedSource, TokenSource, encode_dataset
 from selfflow.plugins.manager import PluginHost
-from selfflow.plugins.protocols import MediaWriter, Tokenizer
+from selfflow.plugins.protocols import Dataset, MediaWriter, Tokenizer
+from selfflow.plugins.shards import ShardData, ShardError, ShardSource
 from selfflow.registry import builders
 from selfflow.registry.callbacks import EvalCallback, PlotCallback, SampleCallback
 from selfflow.registry.config import (
     ConfigError,
     RunConfig,
+    StreamConfig,
     check_resume,
     load_config,
     load_config_file,
@@ -123,6 +126,43 @@ def output_dir(cfg: RunConfig, *, fresh: bool) -> Path:
 # ----------------------------------------------------------------------------- the run
 
 
+def build_tokenizers(regs: Registries, cfg: RunConfig) -> dict[str, Tokenizer]:
+    """One tokenizer per ``[modalities.NAME]`` table (not yet fitted)."""
+    tokenizers: dict[str, Tokenizer] = {}
+    for name, mc in cfg.modalities.items():
+        tok = regs.tokenizers.build(mc.tokenizer, mc.tokenizer_options)
+        if tok.modality != name:
+            raise ConfigError(
+                f"config table 'modalities.{name}': tokenizer {mc.tokenizer!r} makes {tok.modality!r} tokens; "
+                f"name the table [modalities.{tok.modality}]"
+            )
+        tokenizers[name] = tok
+    return tokenizers
+
+
+def stream_datasets(
+    regs: Registries, cfg: RunConfig, tokenizers: dict[str, Tokenizer], cache: Path
+) -> Iterator[tuple[int, StreamConfig, Dataset, Dataset]]:
+    """Each stream's index, config, train and eval datasets (checked to have the stream's
+    modalities), in order; each tokenizer is fitted on the first stream that has its modality
+    (``build_run`` and ``selfflow encode`` alike)."""
+    fitted: set[str] = set()
+    for i, sc in enumerate(cfg.streams):
+        train = regs.datasets.build(sc.dataset, sc.dataset_options, split="train", seed=cfg.run.seed)
+        evals = regs.datasets.build(sc.dataset, sc.dataset_options, split="eval", seed=cfg.run.seed)
+        have = tuple(getattr(train, "modalities", ()))
+        missing = [m for m in sc.modalities if m not in have]
+        if missing:
+            raise ConfigError(
+                f"config key 'streams[{i}]': dataset {sc.dataset!r} has modalities {list(have)}, not {missing}"
+            )
+        for m in sc.modalities:
+            if m not in fitted:
+                tokenizers[m].fit(train, cache_dir=str(cache), generator=torch.Generator().manual_seed(cfg.run.seed))
+                fitted.add(m)
+        yield i, sc, train, evals
+
+
 def _label_space(streams: dict[str, Stream], class_conditional: bool) -> tuple[str, ...]:
     """The class names every labelled stream shares (a class-conditional model has one
     label embedding); a clear error when they disagree."""
@@ -182,40 +222,28 @@ def build_run(
     progress = cfg.output.progress and shard.is_main
 
     # what the model knows: one tokenizer per modality
-    tokenizers: dict[str, Tokenizer] = {}
-    for name, mc in cfg.modalities.items():
-        tok = regs.tokenizers.build(mc.tokenizer, mc.tokenizer_options)
-        if tok.modality != name:
-            raise ConfigError(
-                f"config table 'modalities.{name}': tokenizer {mc.tokenizer!r} makes {tok.modality!r} tokens; "
-                f"name the table [modalities.{tok.modality}]"
-            )
-        tokenizers[name] = tok
+    tokenizers = build_tokenizers(regs, cfg)
 
     # what a mini-batch is: streams; each tokenizer is fitted on the first stream that has its modality
     streams: dict[str, Stream] = {}
-    fitted: set[str] = set()
-    for i, sc in enumerate(cfg.streams):
-        train = regs.datasets.build(sc.dataset, sc.dataset_options, split="train", seed=cfg.run.seed)
-        evals = regs.datasets.build(sc.dataset, sc.dataset_options, split="eval", seed=cfg.run.seed)
-        have = tuple(getattr(train, "modalities", ()))
-        missing = [m for m in sc.modalities if m not in have]
-        if missing:
-            raise ConfigError(
-                f"config key 'streams[{i}]': dataset {sc.dataset!r} has modalities {list(have)}, not {missing}"
+    for i, sc, train, evals in stream_datasets(regs, cfg, tokenizers, cache):
+        stream_tokenizers = {m: tokenizers[m] for m in sc.modalities}
+        encoded: EncodedData | ShardData
+        if sc.shards is None:
+            encoded = encode_dataset(
+                train,
+                stream_tokenizers,
+                labels=train.num_classes > 0,
+                progress=progress,
+                cache_dir=cache,
+                name=sc.dataset,
             )
-        for m in sc.modalities:
-            if m not in fitted:
-                tokenizers[m].fit(train, cache_dir=str(cache), generator=torch.Generator().manual_seed(cfg.run.seed))
-                fitted.add(m)
-        encoded = encode_dataset(
-            train,
-            {m: tokenizers[m] for m in sc.modalities},
-            labels=train.num_classes > 0,
-            progress=progress,
-            cache_dir=cache,
-            name=sc.dataset,
-        )
+        else:  # `selfflow encode`'s shards of this very data and these tokenizers, streamed (docs/scale.md)
+            try:
+                encoded = ShardData.open(sc.shards, key=f"streams[{i}].shards")
+                encoded.check(train, stream_tokenizers, labels=train.num_classes > 0, key=f"streams[{i}].shards")
+            except ShardError as err:
+                raise ConfigError(str(err)) from None
         try:
             rule = ConditionRule(always=sc.condition, probability=sc.condition_probability)
         except ValueError as err:
@@ -232,6 +260,9 @@ def build_run(
     if checkpoint is not None:  # another width or modalities: one line, before any tensor is read
         ckpt.check_model(checkpoint, attrs.asdict(model.cfg))
     teacher = EMATeacher(model, cfg.ema)
+    if resolve_compile(cfg.run.compile, dev):  # per block, student and teacher apart (core.acceleration)
+        compile_blocks(model)
+        compile_blocks(teacher.model)
     sampler = regs.samplers.build(cfg.sampler.name, cfg.sampler.options)
     writers = _writers(regs, cfg)
     run_ref: list[Run] = []
@@ -278,20 +309,11 @@ def build_run(
         optimizer=optimizer,
         lr_schedule=schedule,
         grad_clip=cfg.optimizer.grad_clip,
+        precision=resolve_precision(cfg.run.precision, dev),
         sharded=fsdp,
     )
 
-    sources = {
-        n: TokenSource(
-            st.encoded,
-            batch_size=cfg.batch_size(st.config) // cfg.run.grad_accum,
-            seed=cfg.run.seed,
-            device=dev,
-            rule=st.rule,
-            rule_stream=st.index,
-        )
-        for n, st in streams.items()
-    }
+    sources = {n: _source(st, cfg, dev) for n, st in streams.items()}
     source = (
         next(iter(sources.values()))
         if len(sources) == 1
@@ -320,6 +342,21 @@ def build_run(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(cfg))  # the settings the run uses from here on
     return run
+
+
+def _source(st: Stream, cfg: RunConfig, dev: torch.device) -> TokenSource | ShardSource:
+    """A stream's batches: from its tokens in memory, or read from its shards by
+    ``run.data_workers`` DataLoader workers; the same batches and data position either way."""
+    kwargs: dict[str, Any] = {
+        "batch_size": cfg.batch_size(st.config) // cfg.run.grad_accum,
+        "seed": cfg.run.seed,
+        "device": dev,
+        "rule": st.rule,
+        "rule_stream": st.index,
+    }
+    if isinstance(st.encoded, ShardData):
+        return ShardSource(st.encoded, workers=cfg.run.data_workers, **kwargs)
+    return TokenSource(st.encoded, **kwargs)
 
 
 def apply_resumed_settings(state: TrainState, cfg: RunConfig) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import attrs
 
+from selfflow.core.acceleration import PRECISIONS
 from selfflow.core.distill import EMAConfig
 from selfflow.core.loop import LoopGuard, LoopOutput
 from selfflow.core.objectives import SelfFlowConfig
@@ -72,6 +73,11 @@ def _output_dir(instance: Any, attribute: attrs.Attribute, value: str) -> None:
         raise ValueError(f"unknown placeholder {{{bad[0]}}} in {value!r}; use {{name}}", attribute, None, value)
 
 
+def _compile_choice(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value != "auto" and not isinstance(value, bool):
+        raise ValueError(f"must be 'auto', true or false, got {value!r}", attribute, None, value)
+
+
 def _nonempty(instance: Any, attribute: attrs.Attribute, value: list[str]) -> None:
     if not value:
         raise ValueError("must name at least one modality (what the stream's batches train)", attribute, None, value)
@@ -94,6 +100,11 @@ class RunSection:
     # under torchrun: "ddp" replicates the model, "fsdp" shards student, teacher and heads (FSDP2); docs/distributed.md
     parallel: str = attrs.field(default="ddp", validator=_in("ddp", "fsdp"))
     tune_allocator: bool = True  # CPU runs: keep freed memory in the process (core.runtime)
+    # GPU speed (docs/scale.md): "auto" is bf16 autocast on CUDA (fp32 master weights, losses in fp32), fp32 elsewhere
+    precision: str = attrs.field(default="auto", validator=_in(*PRECISIONS))
+    # torch.compile of the model (student and teacher): "auto" is on for CUDA, off on CPU; or true / false
+    compile: Any = attrs.field(default="auto", validator=_compile_choice)
+    data_workers: int = attrs.field(default=2, validator=_v.ge(0))  # DataLoader workers per rank, streams[i].shards
 
 
 @attrs.frozen(kw_only=True)
@@ -126,7 +137,8 @@ class StreamConfig:
     given as a condition in a batch instead (any-to-any training); ``probability``: relative
     share of mini-batches drawn from this stream; ``batch_size``: its global batch
     (default ``run.batch_size``); ``name``: how logs and sample files call it (default: the
-    dataset's name).
+    dataset's name); ``shards``: read the stream's encoded tokens from this directory of
+    WebDataset shards (``selfflow encode``, ``plugins.shards``) instead of holding them in memory.
     """
 
     dataset: str
@@ -137,6 +149,8 @@ class StreamConfig:
     probability: float = attrs.field(default=1.0, validator=_v.gt(0))
     batch_size: int | None = attrs.field(default=None, validator=_v.optional(_v.ge(1)))
     name: str | None = None
+    # a directory written by `selfflow encode` (WebDataset shards, streamed; docs/scale.md); unset: encoded in memory
+    shards: str | None = None
 
     @property
     def label(self) -> str:
@@ -369,6 +383,9 @@ RESUMABLE = (
     "run.threads",
     "run.device",
     "run.tune_allocator",
+    "run.precision",
+    "run.compile",
+    "run.data_workers",
     "optimizer.lr",
     "optimizer.warmup_steps",
     "optimizer.schedule",
@@ -380,7 +397,8 @@ RESUMABLE = (
     "guard",
 )
 RESUMABLE_TEXT = (
-    "run.steps/threads/device/name/tune_allocator, optimizer.lr/warmup_steps/schedule/final_lr_fraction/grad_clip, "
+    "run.steps/threads/device/name/tune_allocator/precision/compile/data_workers, "
+    "optimizer.lr/warmup_steps/schedule/final_lr_fraction/grad_clip, "
     "output.*, sampler.*, eval.* and guard.*"
 )
 _UNSET = "<unset>"
@@ -457,7 +475,7 @@ def normalise(data: dict[str, Any]) -> dict[str, Any]:
                     "add [modalities.text] with tokenizer = 'text/chars' and condition = ['text'] in the stream. "
                     "See the README's 'Run configs'"
                 )
-    short = [n for n, t in mods.items() if isinstance(t, dict) and ("dataset" in t or "dataset_options" in t)]
+    short = [n for n, t in mods.items() if isinstance(t, dict) and ({"dataset", "dataset_options", "shards"} & set(t))]
     if not short:
         return data
     if "streams" in data:
@@ -475,8 +493,9 @@ def normalise(data: dict[str, Any]) -> dict[str, Any]:
     if "dataset" not in table:
         raise ConfigError(f"config key 'modalities.{name}.dataset': required with dataset_options (the short form)")
     stream: dict[str, Any] = {"dataset": table.pop("dataset"), "generate": [name]}
-    if "dataset_options" in table:
-        stream["dataset_options"] = table.pop("dataset_options")
+    for key in ("dataset_options", "shards"):  # the stream's own keys, given in the short form
+        if key in table:
+            stream[key] = table.pop(key)
     return {**data, "modalities": {**mods, name: table}, "streams": [stream]}
 
 
