@@ -17,6 +17,14 @@ its time and by that peak; ``step_flops`` counts them (see its docstring).
     python -m selfflow.benchmarks.step            # width 384, depth 12, 6 heads, 64 tokens x 16 ch, batch 32
     python -m selfflow.benchmarks.step --quick    # seconds: checks the pipeline
     selfflow bench step [--width ... --depth ... --repeats ...]
+    python -m selfflow.benchmarks.step --device cuda --precision fp32 bf16 --compile off on   # GPU columns
+
+On CUDA every row also reports its peak allocated memory (``torch.cuda.max_memory_allocated``
+over its timed steps) and utilisation is MFU: matmul FLOPs per second over the device's dense
+bf16 peak from its spec sheet (``BF16_PEAK_TFLOPS``, or ``--peak-tflops``); the measured bf16
+``torch.mm`` rate is reported beside it. On CPU the peak stays the measured fp32 matmul rate
+and the memory column is empty: the process's peak RSS covers every method at once, so it is
+shown once, in the environment line.
 
 Writes ``step.json`` and ``step.png`` into ``--out`` (default ``benchmarks/results/step``)
 and, for full runs, ``benchmarks/RESULTS.md`` (the table and the command that made it).
@@ -40,6 +48,7 @@ from typing import Any
 import attrs
 import torch
 
+from selfflow.core.acceleration import compile_blocks, resolve_precision
 from selfflow.core.distill import EMAConfig, EMATeacher
 from selfflow.core.model import FlowTransformer, ModelConfig
 from selfflow.core.objectives import FlowMatching, SelfFlow
@@ -49,6 +58,24 @@ from selfflow.core.train_step import TrainState, train_step
 from selfflow.core.types import Segment, TokenBatch, grid_positions
 
 TARGETS = {"factored_speedup": 1.4, "selfflow_over_vanilla": 1.3, "utilisation": 0.80}
+
+# dense (no sparsity) bf16 tensor-core peaks from the vendors' spec sheets, TFLOP/s, matched
+# against torch.cuda.get_device_name() (first match wins: more specific names first)
+BF16_PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("RTX 4090", 165.0),
+    ("RTX 3090", 71.0),
+    ("V100", 125.0),  # fp16 tensor cores; V100 has no bf16
+)
 NOTES_MARKER = "<!-- notes below this line are kept when the benchmark rewrites this file -->"
 
 
@@ -65,6 +92,19 @@ METHODS = (
     Method(name="selfflow", label="Self-Flow (factored adaLN)", modulation="factored", objective="self-flow"),
     Method(name="selfflow-dense", label="Self-Flow (dense per-token adaLN)", modulation="dense", objective="self-flow"),
 )
+
+
+@attrs.frozen(kw_only=True)
+class Variant:
+    """How a method's step runs: ``precision`` ``fp32`` or ``bf16`` (autocast, fp32 master
+    weights; ``core.acceleration``) and ``compile`` (each block, ``torch.compile``)."""
+
+    precision: str = "fp32"
+    compile: bool = False
+
+    @property
+    def tag(self) -> str:
+        return f"{self.precision}{'+compile' if self.compile else ''}"
 
 
 @attrs.frozen(kw_only=True)
@@ -199,7 +239,7 @@ def matmul_rate(n: int, repeats: int = 3) -> float:
 # ----------------------------------------------------------------------------- the runs
 
 
-def make_batch(setup: Setup) -> TokenBatch:
+def make_batch(setup: Setup, device: torch.device | str = "cpu") -> TokenBatch:
     g = torch.Generator().manual_seed(setup.seed)
     h = math.isqrt(setup.tokens)
     while setup.tokens % h:
@@ -207,7 +247,8 @@ def make_batch(setup: Setup) -> TokenBatch:
     positions = grid_positions(1, h, setup.tokens // h, batch=setup.batch).contiguous()
     tokens = torch.randn(setup.batch, setup.tokens, setup.channels, generator=g)
     labels = torch.randint(0, setup.classes, (setup.batch,), generator=g) if setup.classes else None
-    return TokenBatch(segments=(Segment(modality="image", tokens=tokens, positions=positions),), labels=labels)
+    batch = TokenBatch(segments=(Segment(modality="image", tokens=tokens, positions=positions),), labels=labels)
+    return batch.to(device)
 
 
 def model_config(setup: Setup, modulation: str) -> ModelConfig:
@@ -222,19 +263,37 @@ def model_config(setup: Setup, modulation: str) -> ModelConfig:
     )
 
 
-def build_state(setup: Setup, method: Method, weights: dict[str, torch.Tensor], optimizer: str) -> TrainState:
+def build_state(
+    setup: Setup,
+    method: Method,
+    weights: dict[str, torch.Tensor],
+    optimizer: str,
+    *,
+    variant: Variant = Variant(),
+    device: torch.device | str = "cpu",
+) -> TrainState:
     model = FlowTransformer(model_config(setup, method.modulation))
     model.load_state_dict(weights)  # every method starts from the same weights
+    model.to(device)
     if method.objective == "self-flow":
         torch.manual_seed(setup.seed + 1)
         objective: torch.nn.Module = SelfFlow.for_model(model, scheduler=DualTimestepScheduler(mask_ratio=0.25))
     else:
         objective = FlowMatching()
+    objective.to(device)
+    teacher = EMATeacher(model, EMAConfig(decay=0.999))
+    if variant.compile:  # as a run compiles: each block, student and teacher apart
+        compile_blocks(model)
+        compile_blocks(teacher.model)
     params = list(model.parameters()) + list(objective.parameters())
     kwargs = {"fused": True} if optimizer == "fused" else {"foreach": optimizer == "foreach"}
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, **kwargs)
     return TrainState(
-        model=model, teacher=EMATeacher(model, EMAConfig(decay=0.999)), objective=objective, optimizer=opt
+        model=model,
+        teacher=teacher,
+        objective=objective,
+        optimizer=opt,
+        precision=resolve_precision(variant.precision, device),
     )
 
 
@@ -250,7 +309,7 @@ def levels_used(state: TrainState, batch: TokenBatch, seed: int) -> tuple[int, i
         steps = obj.scheduler(batch, generator=g)
         student, teacher = steps.student, steps.teacher
     else:
-        student = teacher = Timesteps.uniform(torch.rand(batch.batch_size, generator=g), batch)
+        student = teacher = Timesteps.uniform(torch.rand(batch.batch_size, generator=g).to(batch.device), batch)
     if model.cfg.modulation == "dense":
         return student.num_levels, teacher.num_levels
     with torch.no_grad():
@@ -262,11 +321,17 @@ def levels_used(state: TrainState, batch: TokenBatch, seed: int) -> tuple[int, i
 @attrs.frozen(kw_only=True)
 class Result:
     method: Method
+    variant: Variant
     times: list[float]
     flops: dict[str, int]
     student_layer: int | None
     teacher_layer: int | None
     last_loss: float
+    peak_memory: int | None = None  # bytes allocated at most during a timed step (CUDA), None on CPU
+
+    @property
+    def key(self) -> str:
+        return f"{self.method.name} {self.variant.tag}"
 
     @property
     def median(self) -> float:
@@ -275,6 +340,38 @@ class Result:
     @property
     def total_flops(self) -> int:
         return sum(self.flops.values())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate_on(device: torch.device, n: int, dtype: torch.dtype, repeats: int = 3) -> float:
+    """GFLOP/s of an ``n x n`` ``torch.mm`` in ``dtype`` on ``device`` (best of ``repeats``)."""
+    if device.type == "cpu" and dtype == torch.float32:
+        return matmul_rate(n, repeats)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.mm(a, b)
+    _sync(device)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def spec_peak(device: torch.device) -> tuple[str, float] | None:
+    """(device name, dense bf16 peak in GFLOP/s) from ``BF16_PEAK_TFLOPS``, if the device is listed."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in BF16_PEAK_TFLOPS:
+        if key in name:
+            return name, 1e3 * tflops
+    return None
 
 
 def run(
@@ -286,47 +383,66 @@ def run(
     peak_sizes: Sequence[int],
     optimizer: str,
     progress: bool = True,
+    variants: Sequence[Variant] = (Variant(),),
+    device: torch.device | str = "cpu",
+    peak_gflops: float | None = None,
 ) -> dict[str, Any]:
+    """Time every (method, variant) case interleaved; returns results, peaks and load.
+
+    ``peak_gflops``: the utilisation denominator (default: on CUDA the spec-sheet bf16 peak,
+    else the best measured bf16 ``torch.mm``; on CPU the best measured fp32 ``torch.mm``)."""
     from tqdm.auto import tqdm
 
-    batch = make_batch(setup)
+    device = torch.device(device)
+    batch = make_batch(setup, device)
     torch.manual_seed(setup.seed)
     weights = FlowTransformer(model_config(setup, "factored")).state_dict()
-    states = {m.name: build_state(setup, m, weights, optimizer) for m in methods}
-    gens = {m.name: torch.Generator().manual_seed(setup.seed) for m in methods}
-    times: dict[str, list[float]] = {m.name: [] for m in methods}
+    cases = [(m, v) for m in methods for v in variants]
+    key = lambda m, v: f"{m.name} {v.tag}"  # noqa: E731
+    states = {key(m, v): build_state(setup, m, weights, optimizer, variant=v, device=device) for m, v in cases}
+    gens = {k: torch.Generator().manual_seed(setup.seed) for k in states}
+    times: dict[str, list[float]] = {k: [] for k in states}
+    memory: dict[str, int] = dict.fromkeys(states, 0)
     losses: dict[str, float] = {}
     peaks: list[tuple[int, float]] = []
     load = OtherLoad()
+    peak_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
-    def one(m: Method) -> float:
+    def one(k: str, *, timed: bool) -> float:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        _sync(device)
         t0 = time.perf_counter()
-        res = train_step(states[m.name], batch, generator=gens[m.name])
+        res = train_step(states[k], batch, generator=gens[k])
+        _sync(device)
         dt = time.perf_counter() - t0
-        losses[m.name] = float(res.losses.total.detach())
+        losses[k] = float(res.losses.total.detach())
+        if timed and device.type == "cuda":
+            memory[k] = max(memory[k], torch.cuda.max_memory_allocated(device))
         return dt
 
-    bar = tqdm(total=(warmup + repeats) * len(methods), desc="step benchmark", unit="step", disable=not progress)
-    for m in methods:
-        for _ in range(warmup):
-            bar.set_postfix_str(f"warm-up {m.name}")
-            one(m)
+    bar = tqdm(total=(warmup + repeats) * len(cases), desc="step benchmark", unit="step", disable=not progress)
+    for m, v in cases:
+        for _ in range(warmup):  # compiled variants compile here
+            bar.set_postfix_str(f"warm-up {key(m, v)}")
+            one(key(m, v), timed=False)
             bar.update()
     load.mark()
     for r in range(repeats):
         for n in peak_sizes:
-            peaks.append((n, matmul_rate(n)))
-        order = list(methods) if r % 2 == 0 else list(reversed(methods))  # alternate who goes first
-        for m in order:
-            bar.set_postfix_str(f"round {r + 1}/{repeats} {m.name}")
-            times[m.name].append(one(m))
+            peaks.append((n, matmul_rate_on(device, n, peak_dtype)))
+        order = list(cases) if r % 2 == 0 else list(reversed(cases))  # alternate who goes first
+        for m, v in order:
+            bar.set_postfix_str(f"round {r + 1}/{repeats} {key(m, v)}")
+            times[key(m, v)].append(one(key(m, v), timed=True))
             bar.update()
         load.mark()
     bar.close()
 
     results = []
-    for m in methods:
-        st = states[m.name]
+    for m, v in cases:
+        k = key(m, v)
+        st = states[k]
         obj = st.objective
         student_layer = getattr(obj, "student_layer", None)
         teacher_layer = getattr(obj, "teacher_layer", None)
@@ -342,28 +458,54 @@ def run(
         results.append(
             Result(
                 method=m,
-                times=times[m.name],
+                variant=v,
+                times=times[k],
                 flops=flops,
                 student_layer=student_layer,
                 teacher_layer=teacher_layer,
-                last_loss=losses[m.name],
+                last_loss=losses[k],
+                peak_memory=memory[k] if device.type == "cuda" else None,
             )
         )
-    peak = max(rate for _, rate in peaks)
+    measured = max(rate for _, rate in peaks)
+    spec = spec_peak(device)
+    if peak_gflops is not None:
+        peak, source = peak_gflops, "given (--peak-tflops)"
+    elif spec is not None:
+        peak, source = spec[1], f"{spec[0]} spec-sheet dense bf16"
+    else:
+        peak, source = measured, f"measured {'bf16' if device.type == 'cuda' else 'fp32'} torch.mm"
     return {
         "results": results,
         "peaks": peaks,
         "peak": peak,
+        "peak_source": source,
+        "measured_peak": measured,
         "other_load": load.mean,
-        "parameters": states[methods[0].name].module.num_parameters(),
+        "parameters": next(iter(states.values())).module.num_parameters(),
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "peak_rss_mib": _peak_rss_mib(),
     }
+
+
+def _peak_rss_mib() -> float | None:
+    """This process's peak resident memory (all methods together), MiB; ``None`` off Linux."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except (ImportError, OSError):
+        return None
 
 
 # ----------------------------------------------------------------------------- reporting
 
 
 def summarise(out: dict[str, Any]) -> dict[str, Any]:
-    by = {r.method.name: r for r in out["results"]}
+    """Rows per (method, variant); the method ratios and targets are read on the first variant
+    (the baseline, fp32 eager unless not measured); each other variant gets its speed-up over it."""
+    base = out["results"][0].variant
+    by = {r.method.name: r for r in out["results"] if r.variant == base}
     peak = out["peak"]
     rows = []
     for r in out["results"]:
@@ -372,6 +514,10 @@ def summarise(out: dict[str, Any]) -> dict[str, Any]:
             {
                 "method": r.method.name,
                 "label": r.method.label,
+                "variant": r.variant.tag,
+                "precision": r.variant.precision,
+                "compile": r.variant.compile,
+                "peak_memory_mib": None if r.peak_memory is None else r.peak_memory / 2**20,
                 "ms_median": 1e3 * r.median,
                 "ms_min": 1e3 * min(r.times),
                 "ms_max": 1e3 * max(r.times),
@@ -386,11 +532,14 @@ def summarise(out: dict[str, Any]) -> dict[str, Any]:
             }
         )
     ratios: dict[str, float] = {}
+    for r in out["results"]:
+        if r.variant != base and r.method.name in by:
+            ratios[f"{r.method.name} {r.variant.tag} speedup"] = by[r.method.name].median / r.median
     if "selfflow" in by and "selfflow-dense" in by:
         ratios["factored_speedup"] = by["selfflow-dense"].median / by["selfflow"].median
     if "selfflow" in by and "vanilla" in by:
         ratios["selfflow_over_vanilla"] = by["selfflow"].median / by["vanilla"].median
-    util = {row["method"]: row["utilisation"] for row in rows}
+    util = {row["method"]: row["utilisation"] for row in rows if row["variant"] == base.tag}
     checks = {}
     if "factored_speedup" in ratios:
         checks["factored_speedup"] = ratios["factored_speedup"] >= TARGETS["factored_speedup"]
@@ -403,12 +552,20 @@ def summarise(out: dict[str, Any]) -> dict[str, Any]:
 
 
 def format_table(summary: dict[str, Any], peak: float) -> str:
-    head = f"| method | ms/step (median) | min – max | GFLOP/step | GFLOP/s | of peak ({peak:.0f} GFLOP/s) |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|"]
+    """The table; ``peak memory``: peak allocated during a timed step (CUDA), "—" on CPU (see the
+    environment line for the process's peak RSS)."""
+    head = (
+        f"| method | precision | compile | ms/step (median) | min – max | GFLOP/step | GFLOP/s | "
+        f"of peak ({peak:.0f} GFLOP/s) | peak memory |"
+    )
+    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in summary["rows"]:
+        mem = "—" if row["peak_memory_mib"] is None else f"{row['peak_memory_mib']:.0f} MiB"
+        fmt = ".1f" if row["ms_median"] < 10 else ".0f"
         lines.append(
-            f"| {row['label']} | {row['ms_median']:.0f} | {row['ms_min']:.0f} – {row['ms_max']:.0f} | "
-            f"{row['gflop']:.1f} | {row['gflops_per_s']:.1f} | {100 * row['utilisation']:.1f}% |"
+            f"| {row['label']} | {row['precision']} | {'on' if row['compile'] else 'off'} | "
+            f"{row['ms_median']:{fmt}} | {row['ms_min']:{fmt}} – {row['ms_max']:{fmt}} | "
+            f"{row['gflop']:.1f} | {row['gflops_per_s']:.1f} | {100 * row['utilisation']:.1f}% | {mem} |"
         )
     return "\n".join(lines)
 
@@ -427,9 +584,12 @@ def format_ratios(summary: dict[str, Any]) -> str:
             f"- Self-Flow / vanilla step time: **{r['selfflow_over_vanilla']:.2f}x** "
             f"(target <= {TARGETS['selfflow_over_vanilla']}x: {mark(c['selfflow_over_vanilla'])})"
         )
+    for name, value in r.items():
+        if name.endswith(" speedup"):
+            lines.append(f"- {name.removesuffix(' speedup')} over the baseline variant: **{value:.2f}x**")
     for row in summary["rows"]:
         key = f"utilisation {row['method']}"
-        if key in c:
+        if key in c and row is next(x for x in summary["rows"] if x["method"] == row["method"]):
             lines.append(
                 f"- matmul utilisation, {row['label']}: **{100 * row['utilisation']:.1f}%** of the measured "
                 f"peak (target >= {100 * TARGETS['utilisation']:.0f}%: {mark(c[key])})"
@@ -444,9 +604,15 @@ def plot(summary: dict[str, Any], peak: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = summary["rows"]
-    labels = [row["label"].replace(" (", "\n(") for row in rows]
+    labels = [
+        row["label"].replace(" (", "\n(") + ("" if row["variant"] == "fp32" else f"\n{row['variant']}") for row in rows
+    ]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    bars = ax1.bar(labels, [row["ms_median"] for row in rows], color=["#888888", "#1f77b4", "#d62728"][: len(rows)])
+    bars = ax1.bar(
+        labels,
+        [row["ms_median"] for row in rows],
+        color=[["#888888", "#1f77b4", "#d62728"][i % 3] for i in range(len(rows))],
+    )
     ax1.errorbar(
         range(len(rows)),
         [row["ms_median"] for row in rows],
@@ -458,9 +624,13 @@ def plot(summary: dict[str, Any], peak: float, path: Path) -> None:
     ax1.bar_label(bars, fmt="%.0f ms")
     ax1.set_ylabel("ms per training step (median, min-max)")
     ax1.set_title("step time")
-    bars = ax2.bar(labels, [row["gflops_per_s"] for row in rows], color=["#888888", "#1f77b4", "#d62728"][: len(rows)])
+    bars = ax2.bar(
+        labels,
+        [row["gflops_per_s"] for row in rows],
+        color=[["#888888", "#1f77b4", "#d62728"][i % 3] for i in range(len(rows))],
+    )
     ax2.bar_label(bars, labels=[f"{100 * row['utilisation']:.0f}%" for row in rows])
-    ax2.axhline(peak, color="black", linestyle="--", label=f"measured fp32 matmul peak {peak:.0f} GFLOP/s")
+    ax2.axhline(peak, color="black", linestyle="--", label=f"peak {peak:.0f} GFLOP/s")
     ax2.axhline(TARGETS["utilisation"] * peak, color="gray", linestyle=":", label="80% of peak")
     ax2.set_ylabel("matmul GFLOP/s achieved")
     ax2.set_title("matmul utilisation")
@@ -485,7 +655,8 @@ def results_markdown(report: dict[str, Any], summary: dict[str, Any], notes: str
         report["command"],
         "```",
         "",
-        f"{report['date']} · {env['cpu']} · {env['threads']} threads · torch {env['torch']} · fp32 · "
+        f"{report['date']} · {env['device']} · {env['cpu']} · {env['threads']} threads · torch {env['torch']} · "
+        f"{', '.join(report['variants'])} · peak RSS {env['peak_rss_mib'] or 0:.0f} MiB · "
         f"optimizer AdamW ({report['optimizer']}) · allocator tuning {'on' if env['allocator_tuned'] else 'off'} · "
         f"other processes during the timed rounds: {load_txt}",
         "",
@@ -498,8 +669,9 @@ def results_markdown(report: dict[str, Any], summary: dict[str, Any], notes: str
         "",
         format_ratios(summary),
         "",
-        f"Peak: best fp32 `torch.mm` rate over square sizes {sorted({n for n, _ in report['peaks']})} measured in "
-        f"every round ({', '.join(f'{n}: {g:.0f}' for n, g in report['peaks'])} GFLOP/s).",
+        f"Peak: {report['peak_source']}, {report['peak_gflops']:.0f} GFLOP/s; best `torch.mm` rate over square "
+        f"sizes {sorted({n for n, _ in report['peaks']})} measured in every round "
+        f"({', '.join(f'{n}: {g:.0f}' for n, g in report['peaks'])} GFLOP/s).",
         "",
         "A step is `core.train_step.train_step`: objective forward (Self-Flow: student, then the EMA teacher "
         "without grad, stopped at block k), backward, gradient clipping, AdamW, EMA update. GFLOP/step counts "
@@ -529,6 +701,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--peak-sizes", type=int, nargs="+", help="square matmul sizes for the peak (default 2048 4096)")
     p.add_argument("--methods", nargs="+", choices=[m.name for m in METHODS], help="subset of methods")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        choices=["fp32", "bf16"],
+        help="one row per precision (bf16: autocast, fp32 master weights); default fp32 on CPU, fp32 bf16 on CUDA",
+    )
+    p.add_argument(
+        "--compile",
+        nargs="+",
+        choices=["off", "on"],
+        help="one row per setting (on: torch.compile of each block); default off on CPU, off on on CUDA",
+    )
+    p.add_argument("--peak-tflops", type=float, help="the utilisation denominator (default: the device's bf16 peak)")
     p.add_argument(
         "--optimizer",
         choices=["fused", "foreach", "for-loop"],
@@ -572,6 +758,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--repeats must be >= 1 and --warmup >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(
+        "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this machine (or torch build) has no CUDA device")
+    cuda = device.type == "cuda"
+    precisions = args.precision or (["fp32", "bf16"] if cuda else ["fp32"])
+    compiles = args.compile or (["off", "on"] if cuda else ["off"])
+    variants = [Variant(precision=pr, compile=c == "on") for pr in precisions for c in compiles]
+    if any(v.compile for v in variants) and warmup < 1:
+        p.error("--compile on needs --warmup >= 1 (the first step compiles)")
     tuned = False if args.no_allocator_tuning else tune_cpu_allocator()
 
     out = run(
@@ -582,6 +779,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         peak_sizes=peak_sizes,
         optimizer=args.optimizer,
         progress=not args.no_progress,
+        variants=variants,
+        device=device,
+        peak_gflops=None if args.peak_tflops is None else 1e3 * args.peak_tflops,
     )
     summary = summarise(out)
     command = "python -m selfflow.benchmarks.step" + ("" if not argv else " " + shlex.join(argv))
@@ -593,9 +793,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "warmup": warmup,
         "repeats": repeats,
         "optimizer": args.optimizer,
+        "variants": [v.tag for v in variants],
         "parameters": out["parameters"],
         "layers": {"student": sf.student_layer if sf else None, "teacher": sf.teacher_layer if sf else None},
         "environment": {
+            "device": out["device"],
+            "peak_rss_mib": out["peak_rss_mib"],
             "cpu": cpu_name(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
@@ -605,6 +808,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "peaks": out["peaks"],
         "peak_gflops": out["peak"],
+        "peak_source": out["peak_source"],
+        "measured_peak_gflops": out["measured_peak"],
         "targets": TARGETS,
         **summary,
     }

@@ -186,3 +186,69 @@ def gelu_tanh(x: Tensor) -> Tensor:
         s = torch.addcmul(torch.tensor(_GELU_A, dtype=x.dtype, device=x.device), x, x, value=_GELU_B)
         return s.mul_(x).sigmoid_().mul_(x)
     return _GeluTanh.apply(x)
+
+
+# ----------------------------------------------------------------------------- packed sequences
+
+
+class PackedLayout:
+    """Variable-length samples packed into one sequence, for attention kernels that take
+    cumulative sequence lengths (xformers' ``BlockDiagonalMask``, flash-attention's varlen)
+    instead of a padded batch and a mask: no work on padding, no ``(B, H, N, N)`` bias.
+
+    Built once per forward from ``valid (B, N)`` (``True`` = a real token; the real tokens of
+    a sample need not be a prefix): ``index (T,)`` are the flat positions ``b N + i`` of the
+    ``T`` real tokens in order, ``seqlens`` their count per sample (a list of ints, read back
+    once), ``cu_seqlens (B + 1,)`` int32 their running sum. ``pack`` gathers ``(B, N, ...)``
+    into ``(T, ...)``; ``unpack`` scatters back, zeros at padding; both are differentiable
+    and exact (index copies, no arithmetic).
+    """
+
+    def __init__(self, valid: Tensor) -> None:
+        if valid.dim() != 2 or valid.dtype != torch.bool:
+            raise ValueError(f"valid must be a (B, N) bool tensor, got {tuple(valid.shape)} {valid.dtype}")
+        self.batch, self.tokens = valid.shape
+        self.valid = valid
+        self.index = valid.reshape(-1).nonzero().squeeze(1)
+        counts = valid.sum(1)
+        self.seqlens: list[int] = [int(c) for c in counts.tolist()]
+        self.cu_seqlens = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+        self.max_seqlen = max(self.seqlens, default=0)
+        self._bias = None
+
+    @property
+    def total(self) -> int:
+        """``T``, the real tokens of the batch."""
+        return int(self.index.numel())
+
+    def pack(self, x: Tensor) -> Tensor:
+        """``(B, N, ...)`` -> ``(T, ...)``, the real tokens sample after sample."""
+        return x.reshape(self.batch * self.tokens, *x.shape[2:]).index_select(0, self.index)
+
+    def unpack(self, y: Tensor) -> Tensor:
+        """``(T, ...)`` -> ``(B, N, ...)`` with zeros at padding (the inverse of ``pack`` on real tokens)."""
+        out = y.new_zeros((self.batch * self.tokens, *y.shape[1:]))
+        return out.index_copy(0, self.index, y).view(self.batch, self.tokens, *y.shape[1:])
+
+    def sample_ids(self) -> Tensor:
+        """``(T,)`` the sample each packed token belongs to."""
+        return torch.div(self.index, self.tokens, rounding_mode="floor")
+
+    def block_mask(self) -> Tensor:
+        """The materialised ``(T, T)`` bool block-diagonal mask (``True`` = may attend): for
+        tests and the CPU reference only -- the kernels never build it."""
+        ids = self.sample_ids()
+        return ids[:, None] == ids[None, :]
+
+    def key_padding_mask(self) -> Tensor:
+        """``(B, 1, 1, N)``: the SDPA form of the same attention on the padded batch."""
+        return self.valid[:, None, None, :]
+
+    def xformers_bias(self):  # -> xformers.ops.fmha.attn_bias.BlockDiagonalMask
+        """xformers' block-diagonal mask for these lengths (built once, on first use; needs
+        xformers, whose import lives in ``core.attention``)."""
+        if self._bias is None:
+            from selfflow.core.attention import block_diagonal_mask
+
+            self._bias = block_diagonal_mask(self.seqlens)
+        return self._bias

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfflow.core.attention import attend, padding_mask
-from selfflow.core.kernels import gather_levels, gelu_tanh, muladd, rotate_qkv
+from selfflow.core.attention import attend, packing_wanted, padding_mask
+from selfflow.core.kernels import PackedLayout, gather_levels, gelu_tanh, muladd, rotate_qkv
 from selfflow.core.types import ROPE_TIME_TICKS, Timesteps, TokenBatch
 
 # name -> (width, depth, heads); parameter counts are in the README and tested
@@ -237,7 +237,12 @@ class Block(nn.Module):
         self.adaLN = AdaLN(d, 6, scales=(1, 4))
 
     def forward(
-        self, x: Tensor, cond_act: Tensor, mod: Modulation, rope: tuple[Tensor, Tensor], mask: Tensor | None
+        self,
+        x: Tensor,
+        cond_act: Tensor,
+        mod: Modulation,
+        rope: tuple[Tensor, Tensor],
+        mask: Tensor | PackedLayout | None,
     ) -> Tensor:
         b, n, d = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.split(self.adaLN.rows(cond_act), 6)
@@ -397,7 +402,11 @@ class FlowTransformer(nn.Module):
             else batch.segments[0].positions
         )
         rope = self.rope(positions)
-        mask = attn_mask if attn_mask is not None else padding_mask(batch.valid_mask())
+        mask: Tensor | PackedLayout | None = attn_mask
+        if mask is None:  # padding only: a key-padding mask, or packed sequences under xformers (one layout)
+            valid = batch.valid_mask()
+            packed = valid is not None and packing_wanted(x.device, self.cfg.attention_backend)
+            mask = PackedLayout(valid) if packed else padding_mask(valid)
 
         cond_act = F.silu(cond)  # the adaLN SiLU, shared by all blocks
 
