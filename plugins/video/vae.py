@@ -97,7 +97,7 @@ class VideoVAEConfig:
     latent_channels: int = attrs.field(default=8, validator=attrs.validators.ge(1))
     blocks: int = attrs.field(default=1, validator=attrs.validators.ge(1))
     mid_blocks: int = attrs.field(default=2, validator=attrs.validators.ge(0))
-    steps: int = attrs.field(default=600, validator=attrs.validators.ge(1))
+    steps: int = attrs.field(default=400, validator=attrs.validators.ge(1))
     batch_size: int = attrs.field(default=8, validator=attrs.validators.ge(1))
     lr: float = attrs.field(default=2e-3, validator=attrs.validators.gt(0))
     kl_weight: float = attrs.field(default=1e-4, validator=attrs.validators.ge(0))
