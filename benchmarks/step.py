@@ -101,6 +101,7 @@ class Variant:
 
     precision: str = "fp32"
     compile: bool = False
+    backend: str = "inductor"  # torch.compile's backend when compiling
 
     @property
     def tag(self) -> str:
@@ -283,8 +284,8 @@ def build_state(
     objective.to(device)
     teacher = EMATeacher(model, EMAConfig(decay=0.999))
     if variant.compile:  # as a run compiles: each block, student and teacher apart
-        compile_blocks(model)
-        compile_blocks(teacher.model)
+        compile_blocks(model, backend=variant.backend)
+        compile_blocks(teacher.model, backend=variant.backend)
     params = list(model.parameters()) + list(objective.parameters())
     kwargs = {"fused": True} if optimizer == "fused" else {"foreach": optimizer == "foreach"}
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, **kwargs)
@@ -714,6 +715,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=["off", "on"],
         help="one row per setting (on: torch.compile of each block); default off on CPU, off on on CUDA",
     )
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile on")
     p.add_argument("--peak-tflops", type=float, help="the utilisation denominator (default: the device's bf16 peak)")
     p.add_argument(
         "--optimizer",
@@ -766,7 +768,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cuda = device.type == "cuda"
     precisions = args.precision or (["fp32", "bf16"] if cuda else ["fp32"])
     compiles = args.compile or (["off", "on"] if cuda else ["off"])
-    variants = [Variant(precision=pr, compile=c == "on") for pr in precisions for c in compiles]
+    variants = [
+        Variant(precision=pr, compile=c == "on", backend=args.compile_backend) for pr in precisions for c in compiles
+    ]
     if any(v.compile for v in variants) and warmup < 1:
         p.error("--compile on needs --warmup >= 1 (the first step compiles)")
     tuned = False if args.no_allocator_tuning else tune_cpu_allocator()

@@ -397,7 +397,7 @@ RESUMABLE = (
     "guard",
 )
 RESUMABLE_TEXT = (
-    "run.steps/threads/device/name/tune_allocator/precision/compile/data_workers, "
+    "run.steps/threads/device/name/tune_allocator/precision/compile/data_workers, streams[i].shards, "
     "optimizer.lr/warmup_steps/schedule/final_lr_fraction/grad_clip, "
     "output.*, sampler.*, eval.* and guard.*"
 )
@@ -425,6 +425,10 @@ def _shown(value: Any) -> str:
 
 
 def resumable(key: str) -> bool:
+    # a stream's shards may move, appear or go (in memory <-> shards): the batches and the data
+    # position are the same either way, and build_run checks the shards are this stream's data
+    if re.fullmatch(r"streams\[\d+\]\.shards", key):
+        return True
     return any(key == r or key.startswith((f"{r}.", f"{r}[")) for r in RESUMABLE)
 
 

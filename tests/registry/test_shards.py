@@ -227,6 +227,17 @@ def test_short_form_and_stream_keys(tmp_path):
         load_config(text, ["run.data_workers=-1"])
 
 
+def test_a_resume_may_switch_between_memory_and_shards():
+    """Same batches, same position either way: ``streams[i].shards`` may change on resume."""
+    from selfflow.registry.config import ConfigError, check_resume, load_config
+
+    text = '[modalities.image]\ndataset = "image/digits"\ntokenizer = "image/patch"\n'
+    mem, moved = load_config(text), load_config(text, ["modalities.image.shards=/new/place"])
+    assert check_resume(mem, moved, source="test") == ["streams[0].shards"]
+    with pytest.raises(ConfigError, match="streams\\[0\\].dataset"):
+        check_resume(mem, load_config(text.replace("digits", "mnist")), source="test")
+
+
 # ----------------------------------------------------------------------------- through the CLI, with gloo
 
 ARGS = [
