@@ -85,7 +85,7 @@ def encode_run(
     for i, sc, train, _evals in stream_datasets(regs, cfg, tokenizers, cache):
         if stream is not None and sc.label != stream:
             continue
-        directory = stream_dir(Path(out), cfg, sc.label)
+        directory = stream_dir(Path(out).absolute(), cfg, sc.label)  # absolute: a run records it
         index = write_shards(
             train,
             {m: tokenizers[m] for m in sc.modalities},
