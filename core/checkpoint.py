@@ -152,8 +152,11 @@ def save_checkpoint(
     data_position: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     keep_last: int = 3,
+    protect: Path | None = None,
 ) -> Path | None:
-    """Write ``directory/step_{state.step:07d}`` atomically and keep the last ``keep_last``.
+    """Write ``directory/step_{state.step:07d}`` atomically and keep the last ``keep_last``
+    (and ``protect``, when given: e.g. the newest checkpoint whose losses were sane, which a
+    run of bad steps must not rotate away).
 
     Call on every rank (RNG states are gathered); only rank 0 writes, except that a sharded
     state (``state.sharded``, FSDP2) is written by every rank into ``shards/`` (format 2).
@@ -161,7 +164,13 @@ def save_checkpoint(
     """
     if state.sharded:
         return _save_sharded(
-            Path(directory), state, generator=generator, data_position=data_position, extra=extra, keep_last=keep_last
+            Path(directory),
+            state,
+            generator=generator,
+            data_position=data_position,
+            extra=extra,
+            keep_last=keep_last,
+            protect=protect,
         )
     rngs = _gather_rng(generator)
     if not shard().is_main:
@@ -187,7 +196,7 @@ def save_checkpoint(
         }
         (tmp / "state.json").write_text(json.dumps(meta))
         _write_manifest(tmp, FORMAT, state.step)
-    _keep_last(directory, keep_last)
+    _keep_last(directory, keep_last, protect)
     return final
 
 
@@ -197,9 +206,11 @@ def _write_manifest(tmp: Path, fmt: int, step: int) -> None:
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: it marks the checkpoint complete
 
 
-def _keep_last(directory: Path, keep_last: int) -> None:
+def _keep_last(directory: Path, keep_last: int, protect: Path | None = None) -> None:
+    kept = Path(protect).resolve() if protect is not None else None
     for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.resolve() != kept:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- sharded (format 2)
@@ -258,6 +269,7 @@ def _save_sharded(
     data_position: dict[str, Any] | None,
     extra: dict[str, Any] | None,
     keep_last: int,
+    protect: Path | None = None,
 ) -> Path | None:
     """Format 2: every rank writes its shards with DCP into the one temporary directory rank 0
     made (a filesystem every rank sees: the same machine, or a shared one across nodes)."""
@@ -298,7 +310,7 @@ def _save_sharded(
     barrier()  # the checkpoint is in place before any rank goes on (and could read it)
     if not sh.is_main:
         return None
-    _keep_last(directory, keep_last)
+    _keep_last(directory, keep_last, protect)
     return final
 
 

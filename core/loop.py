@@ -247,6 +247,8 @@ class Loop:
             data_position=self.source.position(),
             extra={**self.checkpoint_extra, "loop": guard},
             keep_last=self.config.output.keep_checkpoints,
+            # losses since the last checkpoint were not sane: rotation keeps the newest sane one
+            protect=None if self._sane else self._last_sane_checkpoint(),
         )
         self._sane = True
         self._saved_step, self._saved_path = self.state.step, path

@@ -78,8 +78,8 @@ class _Source:
         self.cursor = int(position["cursor"])
 
 
-def _loop(tmp_path, make_batch, *, steps=8, guard=None, grad_accum=1, callbacks=(), every=0, **source) -> Loop:
-    output = LoopOutput(log_every=1, checkpoint_every=every, keep_checkpoints=10, progress=False)
+def _loop(tmp_path, make_batch, *, steps=8, guard=None, grad_accum=1, callbacks=(), every=0, keep=10, **source) -> Loop:
+    output = LoopOutput(log_every=1, checkpoint_every=every, keep_checkpoints=keep, progress=False)
     return Loop(
         state=_state(steps),
         source=_Source(make_batch, **source),
@@ -207,6 +207,21 @@ def test_k_bad_steps_in_a_row_stop_the_run_naming_the_last_sane_checkpoint(tmp_p
     }
     assert sanity == {"step_0000002": True, "step_0000004": True, "step_0000006": False}
     assert [r["spikes"] for r in loop.history] == [0, 0, 0, 0, 0, 1, 0]
+
+
+def test_rotation_keeps_the_last_sane_checkpoint(tmp_path, make_batch):
+    """keep_checkpoints = 1: a spike at draw 3 and a skipped NaN step at draw 5 make the
+    checkpoints at 4 and 6 not sane; rotating them in must not delete step 2's, the one the
+    stop (NaN from draw 7 on) then names."""
+    guard = LoopGuard(max_consecutive_skips=2, spike_window=2)
+    nan = {5, *range(7, 100)}
+    loop = _loop(tmp_path, make_batch, steps=20, guard=guard, every=2, keep=1, spike={3}, nan=nan)
+    with pytest.warns(RuntimeWarning), pytest.raises(NonFiniteLossError) as info:
+        loop.run()
+    sane = tmp_path / "checkpoints" / "step_0000002"
+    assert info.value.checkpoint == sane and (sane / "manifest.json").is_file()
+    # the newest one is kept as always, step 4's (not sane) rotated away
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000002", "step_0000006"]
 
 
 def test_without_a_sane_checkpoint_the_stop_says_so(tmp_path, make_batch):
