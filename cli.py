@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="draw samples from a checkpoint's EMA model")
     s.add_argument("checkpoint", help="a run directory or a checkpoint directory")
+    s.add_argument("--device", help="torch device (default: run.device)")
     s.add_argument("--steps", type=int, help="sampler steps")
     s.add_argument("--cfg", type=float, help="classifier-free guidance scale")
     s.add_argument("--sampler", help="a registered sampler, e.g. ode/heun")
@@ -76,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="compute a run's metrics from a checkpoint's EMA model")
     e.add_argument("checkpoint", help="a run directory or a checkpoint directory")
+    e.add_argument("--device", help="torch device (default: run.device)")
     e.add_argument(
         "--metric",
         action="append",
@@ -278,6 +280,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise UsageError(f"--n must be at least 1 (samples per label, or in all), got {args.n}; e.g. --n 8")
     _sampling_args(args)
+    _check_device(args.device)
     ids = _parse_labels(args.labels)
     checkpoint, cfg, state = _checkpoint_config(args)
     names = [st.label for st in cfg.streams]
@@ -288,7 +291,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if bad:
         raise UsageError(f"--labels {bad} are outside 0..{classes - 1} (the model's {classes} classes)")
     out = _output_place(args.out, run_dir_of(checkpoint), "samples-cli")
-    run = build_run(cfg, resume=checkpoint, read_only=True)
+    run = build_run(cfg, device=args.device, resume=checkpoint, read_only=True)
     streams = [args.stream] if args.stream else list(run.streams)
     labels_of = {name: class_rows(run, run.streams[name], args.n, ids) for name in streams}
     if ids is not None and any(v is None for v in labels_of.values()):
@@ -322,6 +325,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _at_least("--samples", args.samples, 1, "samples drawn for the metrics", "500")
     _sampling_args(args)
+    _check_device(args.device)
     specs = []
     for m in args.metric:  # NAME or NAME@MODALITY
         name, at, modality = m.partition("@")
@@ -335,7 +339,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     media_only = args.real or args.reconstructions
     check_metrics(default_registries(), cfg, specs, real_data=media_only)  # every name, before anything is sampled
     out = _output_place(args.out, run_dir_of(checkpoint), "eval")
-    run = build_run(cfg, resume=checkpoint, read_only=True)
+    run = build_run(cfg, device=args.device, resume=checkpoint, read_only=True)
     report = evaluate(
         run,
         metrics=specs or default_metrics(run, real_data=media_only),

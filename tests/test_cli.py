@@ -108,6 +108,11 @@ def test_eval_writes_numbers_with_their_protocol(tmp_path, monkeypatch, capsys):
     assert recon["results"] == real["results"] and set(real["results"]) == {"image/class_accuracy", "image/fd"}
     assert recon["protocol"]["model"].startswith("none: real held-out items passed through the tokenizer")
     assert recon["protocol"]["tokenizer"] == "image/patch" and recon["protocol_key"] != real["protocol_key"]
+    # --device cpu: the same protocol as the first evaluation above, so the same key and numbers
+    assert cli.main(["eval", str(out), *two, "--device", "cpu", "--out", str(tmp_path / "on-cpu")]) == 0
+    on_cpu = json.loads((tmp_path / "on-cpu" / "eval_step_0000002.json").read_text())
+    first = json.loads((out / "eval" / f"eval_step_0000002-{on_cpu['protocol_key']}.json").read_text())
+    assert on_cpu["results"] == first["results"] == report["results"]
     assert cli.main(["eval", str(out), "--real", "--reconstructions"]) == 2
     assert "--real and --reconstructions exclude each other" in capsys.readouterr().err
     assert cli.main(["eval", str(out), "--metric", "fid"]) == 2

@@ -1152,6 +1152,20 @@ CASES: list[Case] = [
         fix="give at least one sampler step (or leave `--steps` out)",
     ),
     Case(
+        id="sample-device-unavailable",
+        group="command-line arguments",
+        argv=("sample", "$RUN", "--device", "cuda:3", "--out", "$TMP/out"),
+        expect=("cuda:3", "--device"),
+        fix="choose a device this machine has (`cpu`, `cuda`, `cuda:0`, ...)",
+    ),
+    Case(
+        id="eval-device-unavailable",
+        group="command-line arguments",
+        argv=("eval", "$RUN", "--device", "cuda:3", "--samples", "4", "--metric", "fd", "--out", "$TMP/out"),
+        expect=("cuda:3", "--device"),
+        fix="choose a device this machine has (`cpu`, `cuda`, `cuda:0`, ...)",
+    ),
+    Case(
         id="train-device-unavailable",
         group="command-line arguments",
         argv=(*TRAIN, "--device", "cuda:3"),
