@@ -59,7 +59,7 @@ def attend(
     if backend not in ("auto", "sdpa", "xformers"):
         raise ValueError(f"unknown attention backend {backend!r}; choose 'auto', 'sdpa' or 'xformers'")
     layout = mask if isinstance(mask, PackedLayout) else None
-    dense = None if layout is not None else mask
+    dense: Tensor | None = None if isinstance(mask, PackedLayout) else mask
     if dense is None and _use_xformers(q, backend):
         xops = _xformers_ops()
         if xops is None or not q.is_cuda:

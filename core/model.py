@@ -405,8 +405,10 @@ class FlowTransformer(nn.Module):
         mask: Tensor | PackedLayout | None = attn_mask
         if mask is None:  # padding only: a key-padding mask, or packed sequences under xformers (one layout)
             valid = batch.valid_mask()
-            packed = valid is not None and packing_wanted(x.device, self.cfg.attention_backend)
-            mask = PackedLayout(valid) if packed else padding_mask(valid)
+            if valid is not None and packing_wanted(x.device, self.cfg.attention_backend):
+                mask = PackedLayout(valid)
+            else:
+                mask = padding_mask(valid)
 
         cond_act = F.silu(cond)  # the adaLN SiLU, shared by all blocks
 
