@@ -608,12 +608,10 @@ def plot(summary: dict[str, Any], peak: float, path: Path) -> None:
     labels = [
         row["label"].replace(" (", "\n(") + ("" if row["variant"] == "fp32" else f"\n{row['variant']}") for row in rows
     ]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    bars = ax1.bar(
-        labels,
-        [row["ms_median"] for row in rows],
-        color=[["#888888", "#1f77b4", "#d62728"][i % 3] for i in range(len(rows))],
-    )
+    palette = {"vanilla": "#888888", "selfflow": "#1f77b4", "selfflow-dense": "#d62728"}
+    colors = [palette.get(row["method"], "#2ca02c") for row in rows]  # one colour per method, any variant
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(11, 1.9 * len(rows)), 4))
+    bars = ax1.bar(labels, [row["ms_median"] for row in rows], color=colors)
     ax1.errorbar(
         range(len(rows)),
         [row["ms_median"] for row in rows],
@@ -628,7 +626,7 @@ def plot(summary: dict[str, Any], peak: float, path: Path) -> None:
     bars = ax2.bar(
         labels,
         [row["gflops_per_s"] for row in rows],
-        color=[["#888888", "#1f77b4", "#d62728"][i % 3] for i in range(len(rows))],
+        color=colors,
     )
     ax2.bar_label(bars, labels=[f"{100 * row['utilisation']:.0f}%" for row in rows])
     ax2.axhline(peak, color="black", linestyle="--", label=f"peak {peak:.0f} GFLOP/s")
