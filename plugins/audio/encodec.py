@@ -669,7 +669,8 @@ def batches(dataset: Any, idx: Tensor, size: int = 16) -> Iterator[Tensor]:
 def _latent_stats(net: Codec, dataset: Any, idx: Tensor, limit: int) -> tuple[Tensor, Tensor]:
     """Per-channel mean and std of the latents (float64 sums over every frame)."""
     device = next(net.parameters()).device
-    total, sq, count = 0.0, 0.0, 0
+    total = sq = torch.zeros(net.dimension, dtype=torch.float64, device=device)
+    count = 0
     for x in batches(dataset, idx[:limit]):
         z = net.encode(x.to(device)).double()
         total, sq = total + z.sum((0, 2)), sq + z.square().sum((0, 2))
