@@ -81,6 +81,7 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout, *, k
     return layout.unpack(kernel(pq, pk, pv, layout)[0]).transpose(1, 2)
 
 
+@torch.compiler.disable  # a fused kernel already; keeps compiled blocks from guarding on the bias's lengths
 def _xformers_packed(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout) -> Tensor:
     return _xformers_ops().memory_efficient_attention(q, k, v, attn_bias=layout.xformers_bias())
 

@@ -407,6 +407,7 @@ class FlowTransformer(nn.Module):
             valid = batch.valid_mask()
             if valid is not None and packing_wanted(x.device, self.cfg.attention_backend):
                 mask = PackedLayout(valid)
+                mask.xformers_bias()  # built here, eagerly, once for every (possibly compiled) block
             else:
                 mask = padding_mask(valid)
 
