@@ -363,6 +363,27 @@ class ShardData:
 # ----------------------------------------------------------------------------- the global order
 
 
+def epoch_order(seed: int, epoch: int, shards: Sequence[int], window: int = 0) -> np.ndarray:
+    """The item ids of epoch ``epoch`` in the order they are drawn.
+
+    ``window = 0``: ``numpy.random.default_rng([seed, epoch]).permutation(items)``, the
+    in-memory path's order. ``window = W``: the shards in a seeded order, taken ``W`` at a time,
+    each window's items in a seeded order of their own -- a shuffle buffer of ``W`` shards whose
+    reads stay inside ``W`` tar files at a time (for storage where random reads across the whole
+    set are slow), still one deterministic order per epoch, so the position stays one integer.
+    ``shards``: the items per shard (``index.json``), in shard order."""
+    size = int(sum(shards))
+    if window <= 0:
+        return np.random.default_rng([seed, epoch]).permutation(size)
+    starts = np.concatenate([[0], np.cumsum(shards)]).astype(np.int64)
+    order = np.random.default_rng([seed, epoch, 1]).permutation(len(shards))
+    parts = []
+    for j in range(0, len(order), window):
+        items = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in order[j : j + window]])
+        parts.append(np.random.default_rng([seed, epoch, 2, j]).permutation(items))
+    return np.concatenate(parts)
+
+
 def global_order(seed: int, size: int, start: int, count: int) -> np.ndarray:
     """Item ids at global positions ``start .. start + count - 1``: position ``k`` is item
     ``permutation(seed, k // size)[k % size]``, the order ``batching.TokenSource`` walks."""
@@ -383,7 +404,9 @@ class _Draws(torch.utils.data.IterableDataset):
     reads the draws congruent to ``first + w`` modulo ``K`` (the DataLoader interleaves its
     workers in order, so they arrive as ``first, first + 1, ...``)."""
 
-    def __init__(self, data: ShardData, *, seed: int, batch_size: int, local: int, rank: int, first: int) -> None:
+    def __init__(
+        self, data: ShardData, *, seed: int, batch_size: int, local: int, rank: int, first: int, window: int = 0
+    ) -> None:
         self.data, self.seed, self.batch_size, self.local, self.rank, self.first = (
             data,
             seed,
@@ -392,6 +415,7 @@ class _Draws(torch.utils.data.IterableDataset):
             rank,
             first,
         )
+        self.window = window
         self._perm: tuple[int, np.ndarray] | None = None
 
     def rows(self, draw: int) -> np.ndarray:
@@ -401,7 +425,8 @@ class _Draws(torch.utils.data.IterableDataset):
         for j in range(self.local):  # one permutation per epoch, kept while the epoch lasts
             epoch, offset = divmod(lo + j, n)
             if self._perm is None or self._perm[0] != epoch:
-                self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(n))
+                counts = [int(sh["count"]) for sh in self.data.index["shards"]]
+                self._perm = (epoch, epoch_order(self.seed, epoch, counts, self.window))
             out[j] = self._perm[1][offset]
         return out
 
@@ -421,7 +446,10 @@ class ShardSource:
 
     ``batch_size`` is the global batch of one micro-step; this rank gets
     ``batch_size / world`` rows. ``restore`` (a resume, or the loop undoing an interrupted
-    step) drops what the workers read ahead and restarts them at the restored position."""
+    step) drops what the workers read ahead and restarts them at the restored position.
+    ``window``: 0 walks the in-memory path's order; ``W > 0`` the shard-local order of
+    ``epoch_order`` (other batches than the in-memory path's, the same guarantees); it is part
+    of the position, so a resume with another window is refused."""
 
     def __init__(
         self,
@@ -435,10 +463,13 @@ class ShardSource:
         rule_stream: int = 0,
         workers: int = 2,
         prefetch: int = 2,
+        window: int = 0,
     ) -> None:
         sh = shard_ or shard()
         if batch_size % sh.world:
             raise ValueError(f"batch size {batch_size} is not divisible by the {sh.world} processes")
+        if window < 0:
+            raise ValueError(f"window must be >= 0 shards, got {window}")
         if workers < 0 or prefetch < 1:
             raise ValueError(f"workers ({workers}) must be >= 0 and prefetch ({prefetch}) >= 1")
         self.data = data
@@ -451,6 +482,7 @@ class ShardSource:
         self.rule_stream = rule_stream
         self.workers = workers
         self.prefetch = prefetch
+        self.window = window
         self.cursor = 0
         self._it: Iterator[tuple[int, TokenBatch]] | None = None
 
@@ -462,6 +494,7 @@ class ShardSource:
             local=self.local,
             rank=self.shard.rank,
             first=self.cursor // self.batch_size,
+            window=self.window,
         )
         if self.workers == 0:
             return iter(ds)
@@ -489,13 +522,19 @@ class ShardSource:
         return self.rule(batch, generator=gen).to(self.device)
 
     def position(self) -> dict[str, Any]:
-        return {"cursor": self.cursor, "seed": self.seed, "size": len(self.data)}
+        pos = {"cursor": self.cursor, "seed": self.seed, "size": len(self.data)}
+        return {**pos, "window": self.window} if self.window else pos  # window 0: the in-memory path's format
 
     def restore(self, position: dict[str, Any]) -> None:
         if position.get("size", len(self.data)) != len(self.data):
             raise ValueError(
                 f"the checkpoint was taken on a dataset of {position['size']} items, this one has {len(self.data)}; "
                 "resume with the same data"
+            )
+        if int(position.get("window", 0)) != self.window:
+            raise ValueError(
+                f"the checkpoint's data order used a shuffle window of {position.get('window', 0)} shards, this run "
+                f"{self.window} (streams[i].shard_window); resume with the same window"
             )
         cursor = int(position.get("cursor", 0))
         if cursor % self.batch_size:

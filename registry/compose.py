@@ -355,7 +355,7 @@ def _source(st: Stream, cfg: RunConfig, dev: torch.device) -> TokenSource | Shar
         "rule_stream": st.index,
     }
     if isinstance(st.encoded, ShardData):
-        return ShardSource(st.encoded, workers=cfg.run.data_workers, **kwargs)
+        return ShardSource(st.encoded, workers=cfg.run.data_workers, window=st.config.shard_window, **kwargs)
     return TokenSource(st.encoded, **kwargs)
 
 

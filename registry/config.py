@@ -151,6 +151,8 @@ class StreamConfig:
     name: str | None = None
     # a directory written by `selfflow encode` (WebDataset shards, streamed; docs/scale.md); unset: encoded in memory
     shards: str | None = None
+    # 0: the in-memory order (a permutation of all items per epoch); N: shuffle N shards at a time (docs/scale.md)
+    shard_window: int = attrs.field(default=0, validator=_v.ge(0))
 
     @property
     def label(self) -> str:

@@ -163,6 +163,43 @@ def test_resume_on_another_world_size_equals_an_uninterrupted_run(shards):
     assert got == want
 
 
+def test_a_shard_window_keeps_reads_local_and_resumes_exactly(shards):
+    """``window = 2`` (shards of 8 items): each epoch still holds every item once, read 2 shards
+    at a time (3 windows for 5 shards), and 2 ranks then 3 ranks continue one process's batches."""
+    from selfflow.plugins.shards import epoch_order
+
+    counts = [8, 8, 8, 8, 5]
+    for epoch in range(3):
+        order = epoch_order(4, epoch, counts, window=2)
+        assert sorted(order.tolist()) == list(range(37))
+        windows: list[set[int]] = [set()]  # consecutive positions, at most 2 shards per window
+        for shard_id in (i // 8 for i in order.tolist()):
+            if shard_id not in windows[-1] and len(windows[-1]) == 2:
+                windows.append(set())
+            windows[-1].add(shard_id)
+        assert len(windows) == 3 and sorted(len(w) for w in windows) == [1, 2, 2]
+    assert not np.array_equal(epoch_order(4, 0, counts, 2), epoch_order(4, 1, counts, 2))
+    assert np.array_equal(epoch_order(4, 0, counts, 0), np.random.default_rng([4, 0]).permutation(37))
+
+    data = ShardData.open(shards)
+    one = ShardSource(data, batch_size=6, seed=4, workers=0, window=2)
+    want = [ids(one.next_batch()) for _ in range(8)]
+    assert sorted(i for b in want[:6] for i in b) == sorted(epoch_order(4, 0, counts, 2)[:36].tolist())
+    two = [
+        ShardSource(data, batch_size=6, seed=4, shard_=Shard(rank=r, world=2), workers=1, window=2) for r in range(2)
+    ]
+    got = [[i for s in two for i in ids(s.next_batch())] for _ in range(5)]
+    three = [
+        ShardSource(data, batch_size=6, seed=4, shard_=Shard(rank=r, world=3), workers=0, window=2) for r in range(3)
+    ]
+    for s in three:
+        s.restore(two[0].position())
+    got += [[i for s in three for i in ids(s.next_batch())] for _ in range(3)]
+    assert got == want
+    with pytest.raises(ValueError, match="shuffle window of 2 shards, this run 0"):
+        ShardSource(data, batch_size=6, seed=4).restore(two[0].position())
+
+
 def test_restore_drops_what_the_workers_read_ahead(shards):
     data = ShardData.open(shards)
     src = ShardSource(data, batch_size=4, seed=0, workers=2, prefetch=2)
