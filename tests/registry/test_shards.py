@@ -262,6 +262,11 @@ def test_short_form_and_stream_keys(tmp_path):
     assert load_config(text).streams[0].shards is None
     with pytest.raises(ConfigError, match="run.data_workers"):
         load_config(text, ["run.data_workers=-1"])
+    with pytest.raises(ConfigError, match=r"streams\[0\].shard_window.*needs streams\[0\].shards"):
+        load_config(text, ["modalities.image.shard_window=2"])
+    assert (
+        load_config(text, ["modalities.image.shard_window=2", "modalities.image.shards=x"]).streams[0].shard_window == 2
+    )
 
 
 def test_a_resume_may_switch_between_memory_and_shards():
