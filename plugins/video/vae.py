@@ -59,6 +59,7 @@ NAME = "video/vae"
 _WEIGHTS = ("video_channels", "base_channels", "downsample", "latent_channels", "blocks", "mid_blocks")
 # fields that never change the weights (a resumed fit is identical to an uninterrupted one)
 _RUNTIME = {"checkpoint", "sample", "device", "progress", "fps", "patch", "partial_every", "log_every"}
+_ADDED = {"loss": "mse"}  # weight fields added after FORMAT 1, left out of the key at these defaults
 _CACHE, _FILE, _PARTIAL = "video-vae", "weights.safetensors", "partial"
 
 
@@ -79,7 +80,8 @@ class VideoVAEConfig:
     (time is always 4x); ``latent_channels`` the token width; ``blocks`` resblocks per level,
     ``mid_blocks`` at the lowest resolution.
     Training: ``steps``, ``batch_size`` (clips), ``lr`` (AdamW, warmup + cosine to 0.1x),
-    ``kl_weight`` (per-element KL next to the per-pixel MSE), ``seed`` (``None``: drawn from the
+    ``kl_weight`` (per-element KL next to the per-pixel reconstruction loss), ``loss`` the
+    reconstruction loss, ``"mse"`` or ``"l1"`` (sharper on sparse strokes), ``seed`` (``None``: drawn from the
     run's generator), ``holdout`` clips kept out of training to measure reconstruction,
     ``stats_items`` clips for the latent statistics.
     Runtime (not part of the cache key): ``fps`` of the clips (positions; ``None``: the
@@ -101,6 +103,7 @@ class VideoVAEConfig:
     batch_size: int = attrs.field(default=8, validator=attrs.validators.ge(1))
     lr: float = attrs.field(default=2e-3, validator=attrs.validators.gt(0))
     kl_weight: float = attrs.field(default=1e-4, validator=attrs.validators.ge(0))
+    loss: str = attrs.field(default="mse", validator=attrs.validators.in_(("mse", "l1")))
     seed: int | None = attrs.field(default=0)
     holdout: int = attrs.field(default=64, validator=attrs.validators.ge(1))
     stats_items: int = attrs.field(default=512, validator=attrs.validators.ge(2))
@@ -259,6 +262,9 @@ class VideoVAETokenizer:
     def fit_key(self, dataset) -> str:
         """Hash of the data fingerprint, the file format and every field that changes the weights."""
         fields = {f.name: getattr(self.config, f.name) for f in attrs.fields(VideoVAEConfig) if f.name not in _RUNTIME}
+        for name, default in _ADDED.items():  # fields added later: at their default, old caches still match
+            if fields[name] == default:
+                del fields[name]
         return content_key({"format": FORMAT, "data": dataset.fingerprint(), "config": fields})
 
     # -- fit
@@ -341,7 +347,7 @@ class VideoVAETokenizer:
             recon = net.decode(mean + (0.5 * logvar).exp() * eps)
             mse = F.mse_loss(recon, x)
             kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
-            loss = mse + c.kl_weight * kl
+            loss = (mse if c.loss == "mse" else F.l1_loss(recon, x)) + c.kl_weight * kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(net.parameters(), 1.0)

@@ -271,6 +271,9 @@ def test_bad_inputs_name_the_fix(tiny: VideoVAETokenizer, tmp_path) -> None:
         VideoVAEConfig(video_channels=2)
     with pytest.raises(ValueError, match="multiple of 8"):
         VideoVAEConfig(base_channels=12)
+    with pytest.raises(ValueError, match="'loss' must be in"):
+        VideoVAEConfig(loss="l2")
+    assert VideoVAETokenizer(attrs.evolve(TINY, loss="l1")).fit_key(Squares()) != tiny.fit_key(Squares())
     with pytest.raises(FileNotFoundError, match="does not exist"):
         VideoVAETokenizer.from_checkpoint(tmp_path / "missing.safetensors")
     bad = tmp_path / "bad.safetensors"
