@@ -225,8 +225,9 @@ def train_step(
         no_sync = getattr(state.model, "no_sync", None)
         sync = i == len(micros) - 1 or no_sync is None
         for m in (state.model, *state.objective.children()):
-            if hasattr(m, "set_requires_gradient_sync"):
-                m.set_requires_gradient_sync(i == len(micros) - 1)
+            set_sync = getattr(m, "set_requires_gradient_sync", None)  # an FSDP2 module's
+            if callable(set_sync):
+                set_sync(i == len(micros) - 1)
         with (
             contextlib.nullcontext() if sync else cast(Callable[[], contextlib.AbstractContextManager[None]], no_sync)()
         ):

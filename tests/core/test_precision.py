@@ -92,7 +92,10 @@ def test_bf16_step_matches_fp32_and_keeps_master_weights_fp32():
     assert abs(flow16 - flow32) <= 0.01 * flow32, (flow16, flow32)
     assert abs(rep16 - rep32) <= 5e-3, (rep16, rep32)
     cos = torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], dim=0)
-    print(f"bf16 vs fp32: flow {flow16:.5f} vs {flow32:.5f}, representation {rep16:.5f} vs {rep32:.5f}, grad cos {float(cos):.5f}")
+    print(
+        f"bf16 vs fp32: flow {flow16:.5f} vs {flow32:.5f}, representation {rep16:.5f} vs {rep32:.5f}, "
+        f"grad cos {float(cos):.5f}"
+    )
     assert cos > 0.999, float(cos)
 
     # autocast really ran in bf16: the student's velocity comes out of a bf16 matmul
