@@ -83,7 +83,7 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout, *, k
 
 @torch.compiler.disable  # a fused kernel already; keeps compiled blocks from guarding on the bias's lengths
 def _xformers_packed(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout) -> Tensor:
-    return _xformers_ops().memory_efficient_attention(q, k, v, attn_bias=layout.xformers_bias())
+    return _xformers_ops().memory_efficient_attention(q, k, v, attn_bias=layout_bias(layout))
 
 
 def reference_packed(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout) -> Tensor:
@@ -103,6 +103,14 @@ def block_diagonal_mask(seqlens: list[int]):  # -> xformers.ops.fmha.attn_bias.B
     from xformers.ops.fmha.attn_bias import BlockDiagonalMask
 
     return BlockDiagonalMask.from_seqlens([n for n in seqlens if n > 0])
+
+
+def layout_bias(layout: PackedLayout):  # -> xformers.ops.fmha.attn_bias.BlockDiagonalMask
+    """xformers' block-diagonal mask for ``layout``'s lengths, built once per layout (on first
+    use; the model builds it eagerly so compiled blocks share it) and kept on the layout."""
+    if layout._bias is None:
+        layout._bias = block_diagonal_mask(layout.seqlens)
+    return layout._bias
 
 
 def padding_mask(valid: Tensor | None) -> Tensor | None:

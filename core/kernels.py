@@ -243,12 +243,3 @@ class PackedLayout:
     def key_padding_mask(self) -> Tensor:
         """``(B, 1, 1, N)``: the SDPA form of the same attention on the padded batch."""
         return self.valid[:, None, None, :]
-
-    def xformers_bias(self):  # -> xformers.ops.fmha.attn_bias.BlockDiagonalMask
-        """xformers' block-diagonal mask for these lengths (built once, on first use; needs
-        xformers, whose import lives in ``core.attention``)."""
-        if self._bias is None:
-            from selfflow.core.attention import block_diagonal_mask
-
-            self._bias = block_diagonal_mask(self.seqlens)
-        return self._bias

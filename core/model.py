@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfflow.core.attention import attend, packing_wanted, padding_mask
+from selfflow.core.attention import attend, layout_bias, packing_wanted, padding_mask
 from selfflow.core.kernels import PackedLayout, gather_levels, gelu_tanh, muladd, rotate_qkv
 from selfflow.core.types import ROPE_TIME_TICKS, Timesteps, TokenBatch
 
@@ -407,7 +407,7 @@ class FlowTransformer(nn.Module):
             valid = batch.valid_mask()
             if valid is not None and packing_wanted(x.device, self.cfg.attention_backend):
                 mask = PackedLayout(valid)
-                mask.xformers_bias()  # built here, eagerly, once for every (possibly compiled) block
+                layout_bias(mask)  # built here, eagerly, once for every (possibly compiled) block
             else:
                 mask = padding_mask(valid)
 

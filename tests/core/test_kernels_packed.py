@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from selfflow.core import attention
-from selfflow.core.attention import attend, packed_attention, padding_mask, reference_packed
+from selfflow.core.attention import attend, layout_bias, packed_attention, padding_mask, reference_packed
 from selfflow.core.kernels import PackedLayout
 from selfflow.core.model import FlowTransformer, ModelConfig
 from selfflow.core.types import Segment, Timesteps, TokenBatch, grid_positions
@@ -48,12 +48,12 @@ def test_block_mask_equals_xformers_block_diagonal_mask():
     pytest.importorskip("xformers")
     valid = holes()
     layout = PackedLayout(valid)
-    bias = layout.xformers_bias()
+    bias = layout_bias(layout)
     # the same sequence starts (a sample without real tokens adds none)
     assert bias.q_seqinfo.seqstart.tolist() == sorted(set(layout.cu_seqlens.tolist()))
     dense = bias.materialize((layout.total, layout.total))
     assert torch.equal(dense == 0, layout.block_mask())  # 0 where attending, -inf elsewhere
-    assert layout.xformers_bias() is bias  # built once per forward, shared by the blocks
+    assert layout_bias(layout) is bias  # built once per forward, shared by the blocks
 
 
 @pytest.mark.parametrize("use_xformers_mask", [False, True])
@@ -72,7 +72,7 @@ def test_packed_attention_equals_padded_sdpa(use_xformers_mask):
     def kernel(pq, pk, pv, lay):
         if not use_xformers_mask:
             return reference_packed(pq, pk, pv, lay)
-        bias = lay.xformers_bias().materialize((lay.total, lay.total))
+        bias = layout_bias(lay).materialize((lay.total, lay.total))
         out = F.scaled_dot_product_attention(pq.transpose(1, 2), pk.transpose(1, 2), pv.transpose(1, 2), attn_mask=bias)
         return out.transpose(1, 2)
 
@@ -148,7 +148,7 @@ def test_model_packed_path_equals_padded_path(monkeypatch):
     monkeypatch.setattr(attention, "_use_xformers", lambda q, backend: True)
     monkeypatch.setattr(attention, "_xformers_ops", lambda: object())
     monkeypatch.setattr(attention, "_xformers_packed", kernel)
-    monkeypatch.setattr(PackedLayout, "xformers_bias", lambda self: None)  # xformers itself may be absent
+    monkeypatch.setattr("selfflow.core.model.layout_bias", lambda layout: None)  # xformers itself may be absent
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     packed = model(batch, ts).velocity[0]
     monkeypatch.undo()
