@@ -24,8 +24,10 @@ The clips are written as H.264 MP4s (``pyav.write_video``, ``crf``) into the cac
 last; ``key`` = a content key of the generator's options, the split, seed and the digits'
 bytes), and every item is read back through ``decode.read_video`` (decord), the same path
 a user's videos take. ``<cache>`` is ``cache_dir`` or, when empty, ``$SELFFLOW_CACHE``
-(default ``~/.cache/selfflow``), the run's cache. H.264 is lossy: ``fingerprint()`` hashes
-the MP4 bytes, so it identifies what the reader decodes. Decoded clips are kept in memory as
+(default ``~/.cache/selfflow``), the run's cache. ``fingerprint()`` hashes the rendered
+frames and labels (with the codec and ``crf`` in the entry's key), not the MP4 bytes: libx264
+is not bit-reproducible here, so two writes of the same frames may decode up to 3 gray levels
+apart (a rewritten entry keeps its fingerprint). Decoded clips are kept in memory as
 uint8 (``frames * size**2`` bytes each) after their first read.
 """
 
@@ -46,7 +48,7 @@ import torch.nn.functional as F
 from selfflow.core.files import CacheEntry, content_key
 from selfflow.plugins.protocols import Example
 
-FORMAT = 2  # bump when the files or their layout change: old entries are ignored
+FORMAT = 3  # bump when the files or their layout change: old entries are ignored
 DIRECTIONS = ((1, 1), (-1, 1), (1, -1), (-1, -1))  # (dx, dy) per direction id; y grows downwards
 CLEAR = 4  # frames a digit moves in its labelled direction before it may first bounce
 ARROWS = ("\u2198", "\u2199", "\u2197", "\u2196")  # ↘ ↙ ↗ ↖ (DejaVu Sans draws them in sample grids)
@@ -230,7 +232,10 @@ class MovingDigits:
                 name = f"clip_{i:05d}.mp4"
                 path = write_video(w.directory / name, clip[..., None], fps=cfg.fps, crf=cfg.crf)
                 data = path.read_bytes()
-                h.update(data)
+                # the rendered frames, not the MP4 bytes: libx264 here is not bit-reproducible even on
+                # one thread (two writes of the same frames in one process: 1-2 clips of 12 differ, by
+                # up to 3 gray levels once decoded), so the bytes would give the same clips new keys
+                h.update(np.ascontiguousarray(clip).tobytes())
                 ds = [int(d) for d in self._glyph_labels[picks]]
                 label = ds[0] if cfg.digits == 1 else ds[0] * 10 + ds[1]
                 labels.append(label * 4 + direction)

@@ -79,8 +79,12 @@ def test_deterministic_by_seed_and_written_once(tmp_path):
     assert [f.stat().st_mtime_ns for f in b.files] == mtimes and b.fingerprint() == a.fingerprint()
     elsewhere = MovingDigitsConfig(train_count=12, eval_count=4, frames=9, cache_dir=str(tmp_path / "c2"))
     other_dir = moving_digits(elsewhere, split="train", seed=0)
-    assert other_dir.fingerprint() == a.fingerprint()  # same content wherever it is cached
-    assert torch.equal(other_dir[5].media["video"], a[5].media["video"])
+    assert other_dir.fingerprint() == a.fingerprint()  # same rendered content wherever it is cached
+    # libx264 is not bit-reproducible (docs/video.md): a second write of the same frames decodes
+    # within 3 gray levels (measured), never further
+    for i in range(len(a)):
+        gap = (other_dir[i].media["video"] - a[i].media["video"]).abs().max()
+        assert gap <= 3 / 127.5 + 1e-6, (i, float(gap))
     assert moving_digits(small(tmp_path), split="train", seed=1).fingerprint() != a.fingerprint()
     ev = moving_digits(small(tmp_path), split="eval", seed=0)
     assert len(ev) == 4 and ev.fingerprint() != a.fingerprint()
