@@ -11,6 +11,7 @@ Files: ``{stem}_{i:03d}.wav`` and ``{stem}_{i:03d}.png`` for sample ``i``, in sa
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -71,7 +72,8 @@ def save_spectrogram(
     ax.set_yticklabels([f"{f / 1000:g}k" if f >= 1000 else str(f) for f in ticks])
     ax.set_xlabel("time (s)")
     ax.set_ylabel("frequency (Hz, mel scale)")
-    ax.set_title(title, fontsize=9)
+    # a run's titles are long ("<recipe> step N audio (EMA, sampler, cfg) | label"): wrapped, not cut
+    ax.set_title(textwrap.fill(title, 60), fontsize=8)
     fig.colorbar(image, ax=ax, label="dB", pad=0.02)
     fig.tight_layout()
     fig.savefig(path, format="png")
