@@ -38,17 +38,15 @@ import numpy as np
 
 from selfflow.plugins.audio.clips import PADS, AudioClips, fit_clip
 from selfflow.plugins.audio.io import AudioReadError, read_audio
+from selfflow.plugins.folders import Words, extensions, listing, scan
 
-_LISTED = 20  # paths written out in one warning; the rest are counted
+WORDS = Words(
+    modality="audio", files="audio files", plural="audio files", mixed="files", one="file", hint=" (or set extensions)"
+)
 
 
 class UnreadableAudioWarning(UserWarning):
     """Some files of an ``audio/folder`` data set could not be read and were left out."""
-
-
-def _extensions(value) -> tuple[str, ...]:
-    value = (value,) if isinstance(value, str) else tuple(value)
-    return tuple(v.lower() if v.startswith(".") else "." + v.lower() for v in value)
 
 
 @attrs.frozen(kw_only=True)
@@ -69,54 +67,8 @@ class AudioFolderConfig:
     eval_fraction: float = attrs.field(default=0.1, validator=[attrs.validators.gt(0), attrs.validators.lt(1)])
     on_error: str = attrs.field(default="skip", validator=attrs.validators.in_(("skip", "raise")))
     extensions: tuple[str, ...] = attrs.field(
-        default=(".wav", ".flac", ".ogg", ".mp3"), converter=_extensions, validator=attrs.validators.min_len(1)
+        default=(".wav", ".flac", ".ogg", ".mp3"), converter=extensions, validator=attrs.validators.min_len(1)
     )
-
-
-def _visible(path: Path, root: Path) -> bool:
-    return not any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
-def scan(root: Path, extensions: tuple[str, ...]) -> tuple[list[Path], list[int], tuple[str, ...], list[Path]]:
-    """``(files, labels, class_names, ignored)`` under ``root``, sorted by path; ``labels``
-    are all -1 for a flat folder; ``ignored``: visible files without an audio extension."""
-    if not root.exists():
-        raise FileNotFoundError(
-            f"audio folder {str(root)!r} does not exist; set audio/folder path to a folder of audio files"
-        )
-    if not root.is_dir():
-        raise NotADirectoryError(
-            f"audio folder {str(root)!r} is a file, not a folder; set path to the folder that holds the audio files"
-        )
-    every = sorted(p for p in root.rglob("*") if p.is_file() and _visible(p, root))
-    files = [p for p in every if p.suffix.lower() in extensions]
-    ignored = [p for p in every if p.suffix.lower() not in extensions]
-    top = [p for p in files if p.parent == root]
-    nested = [p for p in files if p.parent != root]
-    if not files:
-        raise ValueError(
-            f"audio folder {str(root)!r} has no files ending in {', '.join(extensions)}"
-            + (f" (found {len(ignored)} other files, e.g. {ignored[0].name!r})" if ignored else " (it is empty)")
-            + "; put audio files in it, directly or in one sub-folder per class (or set extensions)"
-        )
-    if top and nested:
-        raise ValueError(
-            f"audio folder {str(root)!r} mixes files at the top level (e.g. {top[0].name!r}) with files in "
-            f"sub-folders (e.g. {str(nested[0].relative_to(root))!r}); move every file into a class "
-            "sub-folder for labels, or all to the top level for none"
-        )
-    if top:
-        return top, [-1] * len(top), (), ignored
-    class_names = tuple(sorted({p.relative_to(root).parts[0] for p in nested}))
-    ids = {name: i for i, name in enumerate(class_names)}
-    return nested, [ids[p.relative_to(root).parts[0]] for p in nested], class_names, ignored
-
-
-def _listing(items: list[tuple[Path, str]]) -> str:
-    lines = [f"  {p}: {reason}" for p, reason in items[:_LISTED]]
-    if len(items) > _LISTED:
-        lines.append(f"  ... and {len(items) - _LISTED} more")
-    return "\n".join(lines)
 
 
 def _file_hash(path: Path) -> str:
@@ -136,11 +88,11 @@ def folder(config: AudioFolderConfig | None, *, split: str = "train", seed: int 
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     root = Path(c.path).expanduser()
-    files, labels, class_names, ignored = scan(root, c.extensions)
+    files, labels, class_names, ignored = scan(root, c.extensions, WORDS)
     if ignored:
         warnings.warn(
             f"audio/folder {str(root)!r}: left out {len(ignored)} file(s) without an audio extension "
-            f"({', '.join(c.extensions)}):\n" + _listing([(p, "not an audio extension") for p in ignored]),
+            f"({', '.join(c.extensions)}):\n" + listing([(p, "not an audio extension") for p in ignored]),
             UnreadableAudioWarning,
             stacklevel=2,
         )
@@ -170,7 +122,7 @@ def folder(config: AudioFolderConfig | None, *, split: str = "train", seed: int 
     if skipped:
         warnings.warn(
             f"audio/folder {str(root)!r} ({split} split): left out {len(skipped)} of {len(chosen)} file(s) "
-            "that could not be read:\n" + _listing(skipped),
+            "that could not be read:\n" + listing(skipped),
             UnreadableAudioWarning,
             stacklevel=2,
         )

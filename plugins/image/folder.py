@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from selfflow.plugins.folders import Words, extensions, listing, scan
 from selfflow.plugins.protocols import Example
 
-_LISTED = 20  # paths written out in one warning; the rest are counted
+WORDS = Words(modality="image", files="PNG/JPEG files", plural="images", mixed="images", one="image")
 
 
 class UnreadableImageWarning(UserWarning):
@@ -36,11 +37,6 @@ class UnreadableImageWarning(UserWarning):
 
 class UnreadableImageError(ValueError):
     """A file of an ``image/folder`` data set could not be decoded (``on_error = "raise"``)."""
-
-
-def _extensions(value) -> tuple[str, ...]:
-    value = (value,) if isinstance(value, str) else tuple(value)
-    return tuple(v.lower() if v.startswith(".") else "." + v.lower() for v in value)
 
 
 @attrs.frozen(kw_only=True)
@@ -57,50 +53,8 @@ class FolderConfig:
     eval_fraction: float = attrs.field(default=0.1, validator=[attrs.validators.gt(0), attrs.validators.lt(1)])
     on_error: str = attrs.field(default="skip", validator=attrs.validators.in_(("skip", "raise")))
     extensions: tuple[str, ...] = attrs.field(
-        default=(".png", ".jpg", ".jpeg"), converter=_extensions, validator=attrs.validators.min_len(1)
+        default=(".png", ".jpg", ".jpeg"), converter=extensions, validator=attrs.validators.min_len(1)
     )
-
-
-def _visible(path: Path, root: Path) -> bool:
-    return not any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
-def scan(root: Path, extensions: tuple[str, ...]) -> tuple[list[Path], list[int], tuple[str, ...], list[Path]]:
-    """``(files, labels, class_names, ignored)`` under ``root``, sorted by path.
-
-    ``labels`` are all -1 for a flat folder; ``ignored`` are visible files without an image
-    extension (reported by the caller, never used).
-    """
-    if not root.exists():
-        raise FileNotFoundError(
-            f"image folder {str(root)!r} does not exist; set image/folder path to a folder of PNG/JPEG files"
-        )
-    if not root.is_dir():
-        raise NotADirectoryError(
-            f"image folder {str(root)!r} is a file, not a folder; set path to the folder that holds the images"
-        )
-    every = sorted(p for p in root.rglob("*") if p.is_file() and _visible(p, root))
-    images = [p for p in every if p.suffix.lower() in extensions]
-    ignored = [p for p in every if p.suffix.lower() not in extensions]
-    top = [p for p in images if p.parent == root]
-    nested = [p for p in images if p.parent != root]
-    if not images:
-        raise ValueError(
-            f"image folder {str(root)!r} has no files ending in {', '.join(extensions)}"
-            + (f" (found {len(ignored)} other files, e.g. {ignored[0].name!r})" if ignored else " (it is empty)")
-            + "; put images in it, directly or in one sub-folder per class"
-        )
-    if top and nested:
-        raise ValueError(
-            f"image folder {str(root)!r} mixes images at the top level (e.g. {top[0].name!r}) with images in "
-            f"sub-folders (e.g. {str(nested[0].relative_to(root))!r}); move every image into a class "
-            "sub-folder for labels, or all to the top level for none"
-        )
-    if top:
-        return top, [-1] * len(top), (), ignored
-    class_names = tuple(sorted({p.relative_to(root).parts[0] for p in nested}))
-    ids = {name: i for i, name in enumerate(class_names)}
-    return nested, [ids[p.relative_to(root).parts[0]] for p in nested], class_names, ignored
 
 
 def load_image(path: Path, size: int, channels: int) -> np.ndarray:
@@ -156,13 +110,6 @@ def _why(path: Path, err: Exception) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def _listing(items: list[tuple[Path, str]]) -> str:
-    lines = [f"  {p}: {reason}" for p, reason in items[:_LISTED]]
-    if len(items) > _LISTED:
-        lines.append(f"  ... and {len(items) - _LISTED} more")
-    return "\n".join(lines)
-
-
 class FolderDataset:
     """Images of one split of a folder, decoded once, held as uint8 ``(M, C, size, size)``."""
 
@@ -173,12 +120,12 @@ class FolderDataset:
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         self.config, self.split, self.seed = config, split, seed
         self.root = Path(config.path).expanduser()
-        files, labels, self.class_names, ignored = scan(self.root, config.extensions)
+        files, labels, self.class_names, ignored = scan(self.root, config.extensions, WORDS)
         self.num_classes = len(self.class_names)
         if ignored:
             warnings.warn(
                 f"image/folder {str(self.root)!r}: left out {len(ignored)} file(s) without an image extension "
-                f"({', '.join(config.extensions)}):\n" + _listing([(p, "not an image extension") for p in ignored]),
+                f"({', '.join(config.extensions)}):\n" + listing([(p, "not an image extension") for p in ignored]),
                 UnreadableImageWarning,
                 stacklevel=2,
             )
@@ -210,7 +157,7 @@ class FolderDataset:
         if skipped:
             warnings.warn(
                 f"image/folder {str(self.root)!r} ({split} split): left out {len(skipped)} of {len(chosen)} file(s) "
-                "that could not be read:\n" + _listing(skipped),
+                "that could not be read:\n" + listing(skipped),
                 UnreadableImageWarning,
                 stacklevel=2,
             )

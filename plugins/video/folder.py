@@ -56,19 +56,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from selfflow.plugins.folders import Words, extensions, listing, scan
 from selfflow.plugins.protocols import Example
 
-_LISTED = 20  # paths written out in one warning; the rest are counted
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
+
+
+WORDS = Words(modality="video", files="video files", plural="videos", mixed="videos", one="video")
 
 
 class UnreadableVideoWarning(UserWarning):
     """Some files of a ``video/folder`` data set could not be used and were left out."""
-
-
-def _extensions(value) -> tuple[str, ...]:
-    value = (value,) if isinstance(value, str) else tuple(value)
-    return tuple(v.lower() if v.startswith(".") else "." + v.lower() for v in value)
 
 
 def _non_negative(instance, attribute, value) -> None:
@@ -97,7 +95,7 @@ class VideoFolderConfig:
     on_error: str = attrs.field(default="skip", validator=attrs.validators.in_(("skip", "raise")))
     eval_fraction: float = attrs.field(default=0.1, validator=[attrs.validators.gt(0), attrs.validators.lt(1)])
     extensions: tuple[str, ...] = attrs.field(
-        default=VIDEO_EXTENSIONS, converter=_extensions, validator=attrs.validators.min_len(1)
+        default=VIDEO_EXTENSIONS, converter=extensions, validator=attrs.validators.min_len(1)
     )
 
     def __attrs_post_init__(self) -> None:
@@ -106,45 +104,6 @@ class VideoFolderConfig:
                 f"video/folder: set either fps (resample to a rate, got {self.fps}) or stride "
                 f"(got {self.stride}), not both; stride applies only when fps = 0"
             )
-
-
-def _visible(path: Path, root: Path) -> bool:
-    return not any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
-def scan(root: Path, extensions: tuple[str, ...]) -> tuple[list[Path], list[int], tuple[str, ...], list[Path]]:
-    """``(files, labels, class_names, ignored)`` under ``root``, sorted by path; labels are
-    -1 for a flat folder; ``ignored``: visible files without a video extension."""
-    if not root.exists():
-        raise FileNotFoundError(
-            f"video folder {str(root)!r} does not exist; set video/folder path to a folder of video files"
-        )
-    if not root.is_dir():
-        raise NotADirectoryError(
-            f"video folder {str(root)!r} is a file, not a folder; set path to the folder that holds the videos"
-        )
-    every = sorted(p for p in root.rglob("*") if p.is_file() and _visible(p, root))
-    videos = [p for p in every if p.suffix.lower() in extensions]
-    ignored = [p for p in every if p.suffix.lower() not in extensions]
-    top = [p for p in videos if p.parent == root]
-    nested = [p for p in videos if p.parent != root]
-    if not videos:
-        raise ValueError(
-            f"video folder {str(root)!r} has no files ending in {', '.join(extensions)}"
-            + (f" (found {len(ignored)} other files, e.g. {ignored[0].name!r})" if ignored else " (it is empty)")
-            + "; put videos in it, directly or in one sub-folder per class"
-        )
-    if top and nested:
-        raise ValueError(
-            f"video folder {str(root)!r} mixes videos at the top level (e.g. {top[0].name!r}) with videos in "
-            f"sub-folders (e.g. {str(nested[0].relative_to(root))!r}); move every video into a class "
-            "sub-folder for labels, or all to the top level for none"
-        )
-    if top:
-        return top, [-1] * len(top), (), ignored
-    class_names = tuple(sorted({p.relative_to(root).parts[0] for p in nested}))
-    ids = {name: i for i, name in enumerate(class_names)}
-    return nested, [ids[p.relative_to(root).parts[0]] for p in nested], class_names, ignored
 
 
 def clip_indices(
@@ -185,13 +144,6 @@ def resize_crop(frames: np.ndarray, size: int) -> torch.Tensor:
     return x.round().clamp(0, 255).to(torch.uint8).permute(1, 0, 2, 3).contiguous()
 
 
-def _listing(items: list[tuple[Path, str]]) -> str:
-    lines = [f"  {p}: {reason}" for p, reason in items[:_LISTED]]
-    if len(items) > _LISTED:
-        lines.append(f"  ... and {len(items) - _LISTED} more")
-    return "\n".join(lines)
-
-
 class VideoFolderDataset:
     """One split of a folder of videos: one clip per readable file."""
 
@@ -204,12 +156,12 @@ class VideoFolderDataset:
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         self.config, self.split, self.seed = config, split, seed
         self.root = Path(config.path).expanduser()
-        files, labels, self.class_names, ignored = scan(self.root, config.extensions)
+        files, labels, self.class_names, ignored = scan(self.root, config.extensions, WORDS)
         self.num_classes = len(self.class_names)
         if ignored:
             warnings.warn(
                 f"video/folder {str(self.root)!r}: left out {len(ignored)} file(s) without a video extension "
-                f"({', '.join(config.extensions)}):\n" + _listing([(p, "not a video extension") for p in ignored]),
+                f"({', '.join(config.extensions)}):\n" + listing([(p, "not a video extension") for p in ignored]),
                 UnreadableVideoWarning,
                 stacklevel=2,
             )
@@ -246,7 +198,7 @@ class VideoFolderDataset:
         if skipped:
             warnings.warn(
                 f"video/folder {str(self.root)!r} ({split} split): skipped {len(skipped)} of {len(chosen)} file(s):\n"
-                + _listing(skipped),
+                + listing(skipped),
                 UnreadableVideoWarning,
                 stacklevel=2,
             )
