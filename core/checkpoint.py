@@ -587,15 +587,18 @@ def model_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list
     ]
 
 
-def check_model(path: str | os.PathLike, current: dict[str, Any]) -> None:
+def check_model(path: str | os.PathLike, current: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
     """Refuse, in one line naming the differing settings, a checkpoint written by a model
     of another shape (width, depth, modalities and their channels, classes, ...), before any
     tensor is read. ``current`` is this model's ``attrs.asdict(ModelConfig)``; a checkpoint
-    that recorded no model settings is left to ``load_checkpoint``'s shape check."""
+    that recorded no model settings is left to ``load_checkpoint``'s shape check.
+    ``defaults``: values for settings a checkpoint predates (written before the setting
+    existed, so it ran with its default)."""
     ckpt = resolve(path)
     recorded = read_state(ckpt, full=False).get("extra", {}).get("model")
     if not isinstance(recorded, dict):
         return
+    recorded = {**json.loads(json.dumps(defaults or {})), **recorded}
     diffs = model_differences(recorded, json.loads(json.dumps(current)))
     if diffs:
         raise CheckpointError(

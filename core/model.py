@@ -62,6 +62,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     modulation: str = attrs.field(default="factored", validator=attrs.validators.in_(("factored", "dense")))
     attention_backend: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "sdpa", "xformers")))
+    rope_axes: tuple[int, int, int] | None = attrs.field(
+        default=None, converter=attrs.converters.optional(lambda v: tuple(int(x) for x in v))
+    )
+    abs_pos: str = attrs.field(default="none", validator=attrs.validators.in_(("none", "sincos")))
 
     def __attrs_post_init__(self) -> None:
         if not self.channels:
@@ -71,6 +75,12 @@ class ModelConfig:
         head_dim = self.width // self.heads
         if head_dim % 2 or head_dim < 6:
             raise ValueError(f"head dimension {head_dim} must be even and >= 6 for 3-axis RoPE")
+        if self.rope_axes is not None:
+            if len(self.rope_axes) != 3 or min(self.rope_axes) < 0 or sum(self.rope_axes) != head_dim // 2:
+                raise ValueError(
+                    f"model.rope_axes={list(self.rope_axes)} must be 3 non-negative pair counts (t, h, w) "
+                    f"summing to head_dim / 2 = {head_dim // 2}; e.g. [{head_dim // 2}, 0, 0] for audio only"
+                )
 
     @classmethod
     def preset(cls, name: str, **overrides) -> ModelConfig:
@@ -117,7 +127,9 @@ class TimestepEmbedder(nn.Module):
 
 class MultiAxisRope(nn.Module):
     """Rotary embedding over (t, h, w): each head's ``Dh / 2`` frequency pairs are split
-    between the axes (t gets the remainder), each axis with its own geometric frequencies.
+    between the axes (t gets the remainder; ``split`` gives the counts instead, e.g.
+    ``(Dh / 2, 0, 0)`` for audio, whose ``h, w`` are always 0 and would waste their pairs),
+    each axis with its own geometric frequencies.
 
     ``t`` is in ticks of the shared time axis (``core.types.TIME_RATE`` per second) and is
     read in rotary steps of ``ROPE_TIME_TICKS`` ticks (1/25 s): its frequencies are divided
@@ -131,11 +143,12 @@ class MultiAxisRope(nn.Module):
     inv_freq: Tensor  # (Dh/2,) buffers, declared for the type checker
     axis: Tensor
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, head_dim: int, theta: float, split: tuple[int, int, int] | None = None) -> None:
         super().__init__()
-        pairs = head_dim // 2
-        hw = pairs // 3
-        split = (pairs - 2 * hw, hw, hw)
+        if split is None:
+            pairs = head_dim // 2
+            hw = pairs // 3
+            split = (pairs - 2 * hw, hw, hw)
         inv = [theta ** (-torch.arange(n, dtype=torch.float64) / max(n, 1)) for n in split]
         inv[0] = inv[0] / ROPE_TIME_TICKS  # the time axis counts ticks: one rotary step per ROPE_TIME_TICKS
         axis = torch.cat([torch.full((n,), a, dtype=torch.long) for a, n in enumerate(split)])
@@ -151,6 +164,26 @@ class MultiAxisRope(nn.Module):
         angles = positions[..., self.axis].float() * self.inv_freq  # (B, N, Dh/2)
         cos, sin = angles.cos(), angles.sin()
         return torch.cat([cos, cos], dim=-1)[:, :, None], torch.cat([-sin, sin], dim=-1)[:, :, None]
+
+
+def sincos_positions(positions: Tensor, width: int) -> Tensor:
+    """Absolute sin-cos features of ``(t, h, w)`` (DiT's fixed 2-D embedding, with a time
+    axis): ``positions (B, N, 3)`` -> ``(B, N, width)``.
+
+    Each axis gets ``2 * (width // 6)`` dimensions (``cos, sin`` of ``x * 10000^(-k / F)``,
+    ``F = width // 6``; the rest are 0); ``t`` is read in rotary steps (``ROPE_TIME_TICKS``
+    ticks, 1/25 s), ``h, w`` in grid units. RoPE alone is relative: a bidirectional model
+    learns where a token sits in its clip only from the edges, which left 1 s audio clips
+    with words at any offset and repeating every ~0.25 s (docs/audio.md). Images (``t = 0``)
+    see a constant on the time slice.
+    """
+    f = width // 6
+    omega = 10000.0 ** (-torch.arange(f, dtype=torch.float32, device=positions.device) / max(f, 1))
+    coords = positions.float()
+    coords = torch.stack([coords[..., 0] / ROPE_TIME_TICKS, coords[..., 1], coords[..., 2]], dim=-1)
+    args = coords[..., None] * omega  # (B, N, 3, F)
+    feats = torch.cat([args.cos(), args.sin()], dim=-1).flatten(-2)  # (B, N, 6F)
+    return F.pad(feats, (0, width - feats.shape[-1]))
 
 
 # ----------------------------------------------------------------------------- modulation
@@ -299,7 +332,7 @@ class FlowTransformer(nn.Module):
         self.inp = nn.ModuleDict({name: nn.Linear(c, d) for name, c in cfg.channels.items()})
         self.t_embed = TimestepEmbedder(d)
         self.label_embed = nn.Embedding(cfg.num_classes + 1, d) if cfg.num_classes > 0 else None
-        self.rope = MultiAxisRope(cfg.head_dim, cfg.rope_theta)
+        self.rope = MultiAxisRope(cfg.head_dim, cfg.rope_theta, cfg.rope_axes)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg)
         self.reset_parameters()
@@ -402,6 +435,8 @@ class FlowTransformer(nn.Module):
             else batch.segments[0].positions
         )
         rope = self.rope(positions)
+        if self.cfg.abs_pos == "sincos":
+            x = x + sincos_positions(positions, self.cfg.width).to(x.dtype)
         mask: Tensor | PackedLayout | None = attn_mask
         if mask is None:  # padding only: a key-padding mask, or packed sequences under xformers (one layout)
             valid = batch.valid_mask()

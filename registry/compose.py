@@ -26,7 +26,7 @@ from selfflow.core.acceleration import compile_blocks, resolve_compile, resolve_
 from selfflow.core.conditioning import ConditionRule
 from selfflow.core.distill import EMATeacher
 from selfflow.core.loop import Loop, LoopConfig
-from selfflow.core.model import FlowTransformer
+from selfflow.core.model import FlowTransformer, ModelConfig
 from selfflow.core.train_step import TrainState
 from selfflow.plugins.batching import EncodedData, MixedSource, TokenSource, encode_dataset
 from selfflow.plugins.manager import PluginHost
@@ -258,7 +258,9 @@ def build_run(
     channels = {name: tok.channels for name, tok in tokenizers.items()}
     model = FlowTransformer(builders.model_config(cfg, channels, num_classes)).to(dev)
     if checkpoint is not None:  # another width or modalities: one line, before any tensor is read
-        ckpt.check_model(checkpoint, attrs.asdict(model.cfg))
+        # a setting a checkpoint predates ran with its default
+        defaults = {f.name: f.default for f in attrs.fields(ModelConfig) if f.default is not attrs.NOTHING}
+        ckpt.check_model(checkpoint, attrs.asdict(model.cfg), defaults)
     teacher = EMATeacher(model, cfg.ema)
     if resolve_compile(cfg.run.compile, dev):  # per block, student and teacher apart (core.acceleration)
         compile_blocks(model)

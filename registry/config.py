@@ -169,7 +169,7 @@ class ModelSection:
     """``preset`` (tiny, XS, S, B, L) sets width/depth/heads; explicit values override it.
     ``class_conditional``: a label embedding when the data is labelled. The other keys are
     ``core.model.ModelConfig``'s (``mlp_ratio``, ``modulation``, ``attention_backend``,
-    ``rope_theta``): unset, they take its defaults, and it validates them."""
+    ``rope_theta``, ``rope_axes``, ``abs_pos``): unset, they take its defaults, and it validates them."""
 
     preset: str | None = None
     width: int | None = None
@@ -180,10 +180,12 @@ class ModelSection:
     modulation: str | None = None
     attention_backend: str | None = None
     rope_theta: float | None = None
+    rope_axes: list[int] | None = None
+    abs_pos: str | None = None
 
     def core_options(self) -> dict[str, Any]:
         """The keys that go to ``ModelConfig`` unchanged (unset ones: its defaults)."""
-        keys = ("mlp_ratio", "modulation", "attention_backend", "rope_theta")
+        keys = ("mlp_ratio", "modulation", "attention_backend", "rope_theta", "rope_axes", "abs_pos")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 

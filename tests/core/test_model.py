@@ -366,3 +366,57 @@ def test_step_benchmark_flop_count_matches_the_matmuls_a_step_executes():
         assert counter.get_total_flops() == sum(v for k, v in flops.items() if "attention" not in k), method.name
         totals[method.name] = sum(flops.values())
     assert totals["vanilla"] < totals["selfflow"] < totals["selfflow-dense"]
+
+
+# ----------------------------------------------------------------------------- position options
+
+
+def test_rope_axes_give_every_pair_to_the_axes_named():
+    """``rope_axes=(Dh/2, 0, 0)``: all pairs on t with t's geometric frequencies; h, w moves rotate nothing."""
+    rope = M.MultiAxisRope(12, 10000.0, (6, 0, 0))
+    assert rope.axis.tolist() == [0] * 6
+    expected = 10000.0 ** (-torch.arange(6, dtype=torch.float64) / 6) / M.ROPE_TIME_TICKS
+    torch.testing.assert_close(rope.inv_freq, expected.float())
+    cos, sin = rope(torch.tensor([[[0, 7, 9]]]))
+    torch.testing.assert_close(cos, torch.ones_like(cos))
+    torch.testing.assert_close(sin, torch.zeros_like(sin))
+    default = M.MultiAxisRope(12, 10000.0)
+    assert default.axis.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_rope_axes_must_sum_to_the_pair_count():
+    with pytest.raises(ValueError, match=r"rope_axes=\[8, 4, 1\].*summing to head_dim / 2 = 12"):
+        ModelConfig(channels={"audio": 4}, width=48, heads=2, rope_axes=[8, 4, 1])
+    with pytest.raises(ValueError, match="3 non-negative"):
+        ModelConfig(channels={"audio": 4}, width=48, heads=2, rope_axes=[13, -1, 0])
+    assert ModelConfig(channels={"audio": 4}, width=48, heads=2, rope_axes=[12, 0, 0]).rope_axes == (12, 0, 0)
+
+
+def test_sincos_positions_are_cos_sin_of_each_axis_times_its_frequencies():
+    width = 20  # F = 3 frequencies per axis, 18 dims used, 2 zero
+    positions = torch.tensor([[[M.ROPE_TIME_TICKS * 2, 3, 5]]])
+    out = M.sincos_positions(positions, width)
+    assert out.shape == (1, 1, 20)
+    omega = 10000.0 ** (-torch.arange(3, dtype=torch.float32) / 3)
+    for axis, coord in enumerate((2.0, 3.0, 5.0)):  # t in rotary steps, h and w in grid units
+        part = out[0, 0, 6 * axis : 6 * axis + 6]
+        torch.testing.assert_close(part, torch.cat([(coord * omega).cos(), (coord * omega).sin()]))
+    assert out[0, 0, 18:].abs().max() == 0
+
+
+def test_abs_pos_tells_a_model_where_a_token_sits_and_rope_alone_does_not():
+    """RoPE is relative: shifting every t by the same amount leaves the output unchanged;
+    with ``abs_pos="sincos"`` the same shift changes it (the absolute offset is visible)."""
+    def out(model: FlowTransformer, shift: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(3)
+        positions = grid_positions(6, 1, 1, batch=2).clone()
+        positions[..., 0] = positions[..., 0] * 48 + shift
+        seg = Segment(modality="audio", tokens=torch.randn(2, 6, 4, generator=g), positions=positions)
+        batch = TokenBatch(segments=(seg,), labels=torch.tensor([0, 1]))
+        ts = Timesteps(levels=torch.full((2, 1), 0.5), index=torch.zeros(2, 6, dtype=torch.long))
+        with torch.no_grad():
+            return model(batch, ts).velocity[0]
+
+    plain, absolute = _model(), _model(abs_pos="sincos")
+    torch.testing.assert_close(out(plain, 0), out(plain, 480), atol=1e-5, rtol=1e-5)
+    assert (out(absolute, 0) - out(absolute, 480)).abs().max() > 1e-3
