@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -165,6 +166,31 @@ def test_a_checkpoint_of_another_model_is_one_short_line(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=r"another model \(width 32 in the checkpoint, 64 here\)"):
         ckpt.check_model(tmp_path / "narrow", attrs.asdict(wide.teacher.cfg))
     ckpt.check_model(tmp_path / "narrow", attrs.asdict(run.teacher.cfg))  # its own model passes
+
+
+def test_a_checkpoint_that_predates_a_model_setting_compares_with_its_default(tmp_path):
+    """A checkpoint written before ``abs_pos`` existed ran without it: with the defaults it
+    resumes, and a model that turns the setting on is still refused by name."""
+    import attrs
+
+    from selfflow.core.model import ModelConfig
+
+    run = build(tmp_path, "old")
+    run.train(until=2)
+    ck = ckpt.resolve(tmp_path / "old")
+    state = json.loads((ck / "state.json").read_text())
+    del state["extra"]["model"]["abs_pos"]  # as an older selfflow wrote it
+    (ck / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((ck / "manifest.json").read_text())
+    manifest["sha256"]["state.json"] = hashlib.sha256((ck / "state.json").read_bytes()).hexdigest()
+    (ck / "manifest.json").write_text(json.dumps(manifest))
+    current = attrs.asdict(run.teacher.cfg)
+    defaults = {f.name: f.default for f in attrs.fields(ModelConfig) if f.default is not attrs.NOTHING}
+    with pytest.raises(ckpt.CheckpointError, match="abs_pos 'unset' in the checkpoint, 'none' here"):
+        ckpt.check_model(ck, current)
+    ckpt.check_model(ck, current, defaults)
+    with pytest.raises(ckpt.CheckpointError, match="abs_pos 'none' in the checkpoint, 'sincos' here"):
+        ckpt.check_model(ck, {**current, "abs_pos": "sincos"}, defaults)
 
 
 def test_a_quick_look_at_the_state_still_checks_it(tmp_path):
