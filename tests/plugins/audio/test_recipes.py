@@ -49,6 +49,7 @@ def test_the_mel_recipes_differ_only_in_the_objective() -> None:
     assert a.streams[0].dataset == "audio/spoken-digits" and a.sampler.cfg_scale == 2.0
     c = compose.resolve_config(RECIPES[2])
     assert c.modalities["audio"].tokenizer == "audio/encodec" and c.objective.name == "self-flow"
+    assert a.model.abs_pos == c.model.abs_pos == "sincos"  # absolute time (docs/audio.md#positions)
 
 
 @pytest.fixture(scope="module")
