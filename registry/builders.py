@@ -6,6 +6,8 @@ if-chains: a new objective or time distribution is one entry.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,7 +26,7 @@ from selfflow.core.timesteps import (
     UniformTime,
     check_mask_ratio,
 )
-from selfflow.core.types import TokenBatch
+from selfflow.core.types import Segment, TokenBatch
 from selfflow.plugins.protocols import FeatureNetwork, Tokenizer
 from selfflow.registry.config import (
     OBJECTIVE_NAMES,
@@ -179,25 +181,100 @@ def build_objective(
     return choose(OBJECTIVES, "objective.name", cfg.objective.name)(cfg, model, ratios, encoder)
 
 
-def alignment_encoder(references: Mapping[str, FeatureNetwork], tokenizers: Mapping[str, Tokenizer]) -> Encoder:
+class TokenFeatureCache:
+    """REPA's targets per item, kept by a digest of the item's clean tokens, positions and
+    valid mask, least recently used first out past ``max_bytes``.
+
+    The training data is encoded once (the latent cache), so after the first epoch every
+    batch holds items whose targets were already computed: decoding them again (the VAE
+    decoder for video, Griffin-Lim for mel audio) and running the reference network made
+    REPA 6.9x slower than flow matching per audio step (benchmarks/RESULTS.md). A decoder
+    with randomness (Griffin-Lim's seeded initial phase) keeps its first draw per item.
+
+    Items are computed one at a time, so an item's target does not depend on which batch it
+    first came in (Griffin-Lim's phases and a convolution's floating-point sums would): a
+    resumed run, whose cache starts empty, recomputes exactly the targets the uninterrupted
+    run kept. The first epoch pays for batch-1 calls; every later one skips them.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.store: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _digest(seg: Segment, i: int) -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(seg.modality.encode())
+        h.update(str(tuple(seg.tokens.shape[1:])).encode())
+        for t in (seg.tokens[i], seg.positions[i], None if seg.valid is None else seg.valid[i]):
+            if t is not None:
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.digest()
+
+    def features(self, seg: Segment, compute: Callable[[Segment], torch.Tensor]) -> torch.Tensor:
+        """``compute(sub_segment) -> (b, N, E)`` runs only on the items not kept."""
+        if self.max_bytes <= 0:
+            return compute(seg)
+        keys = [self._digest(seg, i) for i in range(seg.batch_size)]
+        miss = [i for i, k in enumerate(keys) if k not in self.store]
+        self.hits += seg.batch_size - len(miss)
+        self.misses += len(miss)
+        rows: dict[int, torch.Tensor] = {}
+        for i, k in enumerate(keys):  # hits first: a miss stored below may evict them
+            if k in self.store:
+                self.store.move_to_end(k)
+                rows[i] = self.store[k]
+        for i in miss:  # one item at a time: a target is a function of its item alone (see the class)
+            sub = Segment(
+                modality=seg.modality,
+                tokens=seg.tokens[i : i + 1],
+                positions=seg.positions[i : i + 1],
+                role=seg.role,
+                valid=None if seg.valid is None else seg.valid[i : i + 1],
+            )
+            rows[i] = compute(sub)[0]
+            self._put(keys[i], rows[i])
+        return torch.stack([rows[i] for i in range(len(keys))])
+
+    def _put(self, key: bytes, value: torch.Tensor) -> None:
+        value = value.detach().clone()
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes:
+            return
+        self.store[key] = value
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self.store.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+
+def alignment_encoder(
+    references: Mapping[str, FeatureNetwork], tokenizers: Mapping[str, Tokenizer], *, cache_mb: float = 512
+) -> Encoder:
     """REPA's frozen encoder: each generated segment's reference network (trained on the
     run's data, since no pretrained encoder can be downloaded), one feature vector per
-    token, from the *decoded* clean tokens; segments in batch order."""
+    token, from the *decoded* clean tokens; segments in batch order. Targets are kept per
+    item (``TokenFeatureCache``, ``cache_mb`` of them; 0: recompute every step)."""
     dims = {m: int(ref.token_feature_dim) for m, ref in references.items()}
     if len(set(dims.values())) > 1:
         raise ConfigError(
             f"objective.name = 'external-alignment': the reference networks' token features differ in "
             f"width ({dims}); one projector aligns them all, so they must agree"
         )
+    cache = TokenFeatureCache(int(cache_mb * 2**20))
+
+    def targets(seg: Segment) -> torch.Tensor:
+        media = tokenizers[seg.modality].decode(seg)
+        return references[seg.modality].token_features(media, seg).to(seg.tokens.device)
 
     def encode(batch: TokenBatch) -> torch.Tensor:
-        parts = []
-        for seg in batch.segments:
-            if seg.generated:
-                media = tokenizers[seg.modality].decode(seg)
-                parts.append(references[seg.modality].token_features(media, seg).to(seg.tokens.device))
+        parts = [cache.features(seg, targets) for seg in batch.segments if seg.generated]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
+    encode.cache = cache  # type: ignore[attr-defined]  # for tests and logs
     return encode, next(iter(dims.values()))
 
 

@@ -296,7 +296,7 @@ def build_run(
     encoder = None
     if cfg.objective.name in builders.NEEDS_ENCODER:
         refs = {m: run.reference(m) for m in cfg.generated()}
-        encoder = builders.alignment_encoder(refs, tokenizers)
+        encoder = builders.alignment_encoder(refs, tokenizers, cache_mb=cfg.objective.alignment_cache_mb)
     objective = builders.build_objective(cfg, model, builders.mask_ratios(cfg, tokenizers), encoder).to(dev)
     wrapped = distributed.wrap_model(model, dev, cfg.run.parallel)
     fsdp = cfg.run.parallel == "fsdp"

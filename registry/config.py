@@ -200,7 +200,8 @@ class ObjectiveSection(SelfFlowConfig):
     validators: this section derives from it. Added here: the time distribution ``time``
     (``logit-normal`` with ``time_mean``, ``time_std``, or ``uniform``), optionally shifted
     by ``time_shift``; ``dual_timesteps``; ``teacher_rule`` (``min``, or ``gap`` with
-    ``teacher_gap``); ``min_gap``/``max_gap`` between t and s.
+    ``teacher_gap``); ``min_gap``/``max_gap`` between t and s; ``alignment_cache_mb``: REPA's
+    per-item target cache (``registry.builders.TokenFeatureCache``; 0 recomputes every step).
     """
 
     name: str = attrs.field(default="self-flow", validator=_in(*OBJECTIVE_NAMES))
@@ -213,6 +214,7 @@ class ObjectiveSection(SelfFlowConfig):
     time_mean: float = 0.0
     time_std: float = attrs.field(default=1.0, validator=_v.gt(0))
     time_shift: float = attrs.field(default=1.0, validator=_v.gt(0))
+    alignment_cache_mb: float = attrs.field(default=512.0, validator=_v.ge(0))
 
     def self_flow(self) -> SelfFlowConfig:
         """The core config this section derives from."""
