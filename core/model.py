@@ -75,12 +75,12 @@ class ModelConfig:
         head_dim = self.width // self.heads
         if head_dim % 2 or head_dim < 6:
             raise ValueError(f"head dimension {head_dim} must be even and >= 6 for 3-axis RoPE")
-        if self.rope_axes is not None:
-            if len(self.rope_axes) != 3 or min(self.rope_axes) < 0 or sum(self.rope_axes) != head_dim // 2:
-                raise ValueError(
-                    f"model.rope_axes={list(self.rope_axes)} must be 3 non-negative pair counts (t, h, w) "
-                    f"summing to head_dim / 2 = {head_dim // 2}; e.g. [{head_dim // 2}, 0, 0] for audio only"
-                )
+        axes = self.rope_axes
+        if axes is not None and (len(axes) != 3 or min(axes) < 0 or sum(axes) != head_dim // 2):
+            raise ValueError(
+                f"model.rope_axes={list(axes)} must be 3 non-negative pair counts (t, h, w) "
+                f"summing to head_dim / 2 = {head_dim // 2}; e.g. [{head_dim // 2}, 0, 0] for audio only"
+            )
 
     @classmethod
     def preset(cls, name: str, **overrides) -> ModelConfig:

@@ -407,6 +407,7 @@ def test_sincos_positions_are_cos_sin_of_each_axis_times_its_frequencies():
 def test_abs_pos_tells_a_model_where_a_token_sits_and_rope_alone_does_not():
     """RoPE is relative: shifting every t by the same amount leaves the output unchanged;
     with ``abs_pos="sincos"`` the same shift changes it (the absolute offset is visible)."""
+
     def out(model: FlowTransformer, shift: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(3)
         positions = grid_positions(6, 1, 1, batch=2).clone()

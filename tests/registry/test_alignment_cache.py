@@ -38,7 +38,7 @@ def _segment(items: list[int], n: int = 5, c: int = 4) -> Segment:
 
 def _encoder(cache_mb: float = 1.0):
     tok = CountingTokenizer()
-    encode, dim = alignment_encoder({"audio": SumReference()}, {"audio": tok}, cache_mb=cache_mb)
+    encode, _dim = alignment_encoder({"audio": SumReference()}, {"audio": tok}, cache_mb=cache_mb)
     return encode, tok
 
 
