@@ -17,7 +17,8 @@ coordinates. ``fps`` comes from the config or, when unset, from the dataset's ``
 2. ``cache_dir``: the complete entry ``<cache_dir>/video-vae/<key>/`` (``core/files``), where
    the key hashes the dataset's ``fingerprint()`` and every config field that changes the
    weights;
-3. train (AdamW, MSE + ``kl_weight`` * KL, tqdm bar), **resuming** from the partial
+3. train (AdamW, ``reconstruction_loss`` (MSE unless weighted) + ``kl_weight`` * KL, tqdm
+   bar), **resuming** from the partial
    checkpoint ``<entry>/partial/state.safetensors`` when an earlier attempt was interrupted
    (weights, optimiser moments, step and the data generator's state, written atomically every
    ``partial_every`` steps; the resumed fit is bit-identical to an uninterrupted one); then
@@ -52,14 +53,16 @@ from tqdm.auto import tqdm
 
 from selfflow.core.files import CacheEntry, content_key, save_tensors
 from selfflow.core.types import Segment, grid_positions, time_ticks
-from selfflow.plugins.video.vae_net import TIME_DOWN, CausalVideoAutoencoder, frame_of_latent, latent_frames
+from selfflow.plugins.video.vae_net import CONVS, TIME_DOWN, CausalVideoAutoencoder, frame_of_latent, latent_frames
 
 FORMAT = 1  # bump when the network or the file layout changes: old caches stop matching
 NAME = "video/vae"
-_WEIGHTS = ("video_channels", "base_channels", "downsample", "latent_channels", "blocks", "mid_blocks")
+_WEIGHTS = ("video_channels", "base_channels", "downsample", "latent_channels", "blocks", "mid_blocks", "conv")
 # fields that never change the weights (a resumed fit is identical to an uninterrupted one)
 _RUNTIME = {"checkpoint", "sample", "device", "progress", "fps", "patch", "partial_every", "log_every"}
-_ADDED = {"loss": "mse"}  # weight fields added after FORMAT 1, left out of the key at these defaults
+# weight fields added after FORMAT 1 with the value files that predate them were trained with:
+# left out of the key at these values (old caches still match) and assumed when a file lacks them
+_ADDED = {"loss": "mse", "conv": "3d", "foreground_weight": 0.0, "gradient_weight": 0.0, "crop_frames": None}
 _CACHE, _FILE, _PARTIAL = "video-vae", "weights.safetensors", "partial"
 
 
@@ -73,15 +76,23 @@ def _positive_fps(inst, attribute, value) -> None:
         raise ValueError(f"video/vae fps must be positive (frames per second), got {value}")
 
 
+def _one_plus_4k(instance: object, attribute: attrs.Attribute, value: int) -> None:
+    if value < 1 or (value - 1) % TIME_DOWN:
+        raise ValueError(f"video/vae {attribute.name}={value} must be 1 + {TIME_DOWN}k frames (1, 5, 9, ...)")
+
+
 @attrs.frozen(kw_only=True)
 class VideoVAEConfig:
     """Architecture: ``video_channels`` 1 (gray) or 3 (RGB); ``base_channels`` width at full
     resolution (doubling per level, at most 4x); ``downsample`` spatial factor f in {4, 8}
     (time is always 4x); ``latent_channels`` the token width; ``blocks`` resblocks per level,
-    ``mid_blocks`` at the lowest resolution.
+    ``mid_blocks`` at the lowest resolution; ``conv`` the resblocks' and upsamplers' kernel,
+    ``"3d"`` (full causal 3x3x3) or ``"2+1d"`` (per-frame 3x3 then causal 3x1x1 in time).
     Training: ``steps``, ``batch_size`` (clips), ``lr`` (AdamW, warmup + cosine to 0.1x),
     ``kl_weight`` (per-element KL next to the per-pixel reconstruction loss), ``loss`` the
-    reconstruction loss, ``"mse"`` or ``"l1"`` (sharper on sparse strokes), ``seed`` (``None``: drawn from the
+    reconstruction loss, ``"mse"`` or ``"l1"``, each pixel's weighted by ``1 + foreground_weight *
+    brightness`` (strokes over the black background), plus ``gradient_weight`` times the loss of
+    the pixel differences (edges; ``reconstruction_loss``), ``seed`` (``None``: drawn from the
     run's generator), ``holdout`` clips kept out of training to measure reconstruction,
     ``stats_items`` clips for the latent statistics.
     Runtime (not part of the cache key): ``fps`` of the clips (positions; ``None``: the
@@ -99,11 +110,15 @@ class VideoVAEConfig:
     latent_channels: int = attrs.field(default=8, validator=attrs.validators.ge(1))
     blocks: int = attrs.field(default=1, validator=attrs.validators.ge(1))
     mid_blocks: int = attrs.field(default=2, validator=attrs.validators.ge(0))
+    conv: str = attrs.field(default="3d", validator=attrs.validators.in_(CONVS))
     steps: int = attrs.field(default=400, validator=attrs.validators.ge(1))
     batch_size: int = attrs.field(default=8, validator=attrs.validators.ge(1))
     lr: float = attrs.field(default=2e-3, validator=attrs.validators.gt(0))
     kl_weight: float = attrs.field(default=1e-4, validator=attrs.validators.ge(0))
     loss: str = attrs.field(default="mse", validator=attrs.validators.in_(("mse", "l1")))
+    foreground_weight: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
+    crop_frames: int | None = attrs.field(default=None, validator=attrs.validators.optional(_one_plus_4k))
+    gradient_weight: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
     seed: int | None = attrs.field(default=0)
     holdout: int = attrs.field(default=64, validator=attrs.validators.ge(1))
     stats_items: int = attrs.field(default=512, validator=attrs.validators.ge(2))
@@ -221,6 +236,7 @@ class VideoVAETokenizer:
             latent_channels=c.latent_channels,
             blocks=c.blocks,
             mid_blocks=c.mid_blocks,
+            conv=c.conv,
         )
 
     @classmethod
@@ -232,7 +248,7 @@ class VideoVAETokenizer:
         """A fitted tokenizer straight from a file this module wrote (no data needed);
         ``overrides`` change runtime fields such as ``sample``, ``device`` or ``fps``."""
         tensors, meta = _read(Path(path))
-        config = attrs.evolve(VideoVAEConfig(**meta["config"]), checkpoint=str(path), **overrides)
+        config = attrs.evolve(VideoVAEConfig(**(_ADDED | meta["config"])), checkpoint=str(path), **overrides)
         tok = cls(config)
         tok._load(tensors, meta, Path(path), FitSource.CHECKPOINT)
         if tok.fps is None:
@@ -285,7 +301,7 @@ class VideoVAETokenizer:
         if c.checkpoint is not None:
             path = Path(c.checkpoint)
             tensors, meta = _read(path)
-            _check_compatible(meta["config"], c, path)
+            _check_compatible(_ADDED | meta["config"], c, path)
             self._load(tensors, meta, path, FitSource.CHECKPOINT)
             self._weights_key = content_key("checkpoint", hashlib.sha256(path.read_bytes()).hexdigest())
             return
@@ -342,12 +358,15 @@ class VideoVAETokenizer:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             x = _gather(dataset, train[torch.randint(len(train), (c.batch_size,), generator=g)], device)
+            if c.crop_frames is not None and c.crop_frames < x.shape[2]:  # random 1 + 4k windows
+                starts = torch.randint(x.shape[2] - c.crop_frames + 1, (x.shape[0],), generator=g)
+                x = torch.stack([clip[:, int(t) : int(t) + c.crop_frames] for clip, t in zip(x, starts)])
             mean, logvar = net.encode(x)
             eps = torch.randn(mean.shape, generator=g).to(device)
             recon = net.decode(mean + (0.5 * logvar).exp() * eps)
             mse = F.mse_loss(recon, x)
             kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
-            loss = (mse if c.loss == "mse" else F.l1_loss(recon, x)) + c.kl_weight * kl
+            loss = reconstruction_loss(recon, x, c) + c.kl_weight * kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -467,6 +486,25 @@ def latent_grid(segment: Segment, *, name: str = NAME) -> tuple[int, int, int]:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def reconstruction_loss(recon: Tensor, x: Tensor, c: VideoVAEConfig) -> Tensor:
+    """``loss`` (MSE or L1) per pixel, weighted by ``1 + foreground_weight * b`` with ``b`` in
+    [0, 1] the brighter of target and (detached) output, so the strokes and the blobs around
+    them count more than the black background that dominates a plain mean; plus
+    ``gradient_weight`` times the same loss of the frames' horizontal and vertical pixel
+    differences (edges: a blurred stroke has the right mean but flat gradients)."""
+    err = recon - x
+    per_pixel = err.square() if c.loss == "mse" else err.abs()
+    if c.foreground_weight:
+        bright = 0.5 * (torch.maximum(x, recon.detach().clamp(-1.0, 1.0)) + 1.0)
+        per_pixel = per_pixel * (1.0 + c.foreground_weight * bright)
+    loss = per_pixel.mean()
+    if c.gradient_weight:
+        dh, dw = err.diff(dim=-2), err.diff(dim=-1)
+        edges = (dh.square().mean() + dw.square().mean()) if c.loss == "mse" else (dh.abs().mean() + dw.abs().mean())
+        loss = loss + c.gradient_weight * edges
+    return loss
 
 
 def _fps(c: VideoVAEConfig, dataset) -> float:

@@ -60,13 +60,37 @@ class CausalConv3d(nn.Conv3d):
         return super().forward(F.pad(x, self._pad))
 
 
-class ResBlock3d(nn.Module):
-    """FrameNorm -> SiLU -> causal conv, twice, plus a (pointwise) skip."""
+class FactorisedCausalConv3d(nn.Module):
+    """A ``k x k`` per-frame convolution then a causal ``kt x 1 x 1`` one in time (R(2+1)D):
+    the receptive field of ``CausalConv3d`` at ``(k*k*cin + kt*cout) / (kt*k*k*cin)`` of
+    its multiply-adds (0.44 for ``k = kt = 3``, ``cin = cout``)."""
 
-    def __init__(self, cin: int, cout: int) -> None:
+    def __init__(self, cin: int, cout: int, kernel: int = 3) -> None:
         super().__init__()
-        self.norm1, self.conv1 = _norm(cin), CausalConv3d(cin, cout)
-        self.norm2, self.conv2 = _norm(cout), CausalConv3d(cout, cout)
+        self.space = CausalConv3d(cin, cout, kernel, time_kernel=1)
+        self.time = CausalConv3d(cout, cout, 1, time_kernel=kernel)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.time(self.space(x))
+
+
+CONVS = ("3d", "2+1d")
+
+
+def _conv(cin: int, cout: int, kind: str) -> nn.Module:
+    if kind not in CONVS:
+        raise ValueError(f"video/vae conv must be one of {CONVS}, got {kind!r}")
+    return CausalConv3d(cin, cout) if kind == "3d" else FactorisedCausalConv3d(cin, cout)
+
+
+class ResBlock3d(nn.Module):
+    """FrameNorm -> SiLU -> causal conv, twice, plus a (pointwise) skip; ``conv`` picks a full
+    ``3x3x3`` kernel (``"3d"``) or a factorised one (``"2+1d"``)."""
+
+    def __init__(self, cin: int, cout: int, conv: str = "3d") -> None:
+        super().__init__()
+        self.norm1, self.conv1 = _norm(cin), _conv(cin, cout, conv)
+        self.norm2, self.conv2 = _norm(cout), _conv(cout, cout, conv)
         self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -99,10 +123,10 @@ class Upsample(nn.Module):
     pair and the first output frame is dropped (``1 + m`` -> ``1 + 2m``); then nearest 2x in H
     and W and a causal 3x3x3 conv."""
 
-    def __init__(self, cin: int, cout: int, *, time: bool) -> None:
+    def __init__(self, cin: int, cout: int, *, time: bool, conv: str = "3d") -> None:
         super().__init__()
         self.time = nn.Conv3d(cin, 2 * cin, 1) if time else None
-        self.conv = CausalConv3d(cin, cout)
+        self.conv = _conv(cin, cout, conv)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.time is not None:
@@ -123,7 +147,9 @@ class CausalVideoAutoencoder(nn.Module):
     W/f)``, and a decoder back to ``(B, C, 1 + 4k, H, W)`` (unclamped).
 
     ``downsample`` f in {4, 8} spatially; time is always compressed 4x, on the last two of
-    the ``log2(f)`` levels; ``blocks`` resblocks per level, ``mid_blocks`` at the bottom.
+    the ``log2(f)`` levels; ``blocks`` resblocks per level, ``mid_blocks`` at the bottom;
+    ``conv`` the kernel of every 3x3 convolution inside (``"3d"`` or factorised ``"2+1d"``;
+    the stem and the output convolution stay ``3x3x3``).
     """
 
     def __init__(
@@ -135,6 +161,7 @@ class CausalVideoAutoencoder(nn.Module):
         latent_channels: int,
         blocks: int = 1,
         mid_blocks: int = 2,
+        conv: str = "3d",
     ) -> None:
         super().__init__()
         chs = level_widths(base_channels, downsample)
@@ -142,15 +169,15 @@ class CausalVideoAutoencoder(nn.Module):
         time_at = set(range(levels - _TIME_LEVELS, levels))
         enc: list[nn.Module] = [CausalConv3d(video_channels, chs[0])]
         for i in range(levels):
-            enc += [ResBlock3d(chs[i], chs[i]) for _ in range(blocks)]
+            enc += [ResBlock3d(chs[i], chs[i], conv) for _ in range(blocks)]
             enc.append(Downsample(chs[i], chs[i + 1], time=i in time_at))
-        enc += [ResBlock3d(chs[-1], chs[-1]) for _ in range(mid_blocks)]
+        enc += [ResBlock3d(chs[-1], chs[-1], conv) for _ in range(mid_blocks)]
         enc += [_norm(chs[-1]), nn.SiLU(), CausalConv3d(chs[-1], 2 * latent_channels)]
         dec: list[nn.Module] = [CausalConv3d(latent_channels, chs[-1])]
-        dec += [ResBlock3d(chs[-1], chs[-1]) for _ in range(mid_blocks)]
+        dec += [ResBlock3d(chs[-1], chs[-1], conv) for _ in range(mid_blocks)]
         for i in reversed(range(levels)):
-            dec.append(Upsample(chs[i + 1], chs[i], time=i in time_at))
-            dec += [ResBlock3d(chs[i], chs[i]) for _ in range(blocks)]
+            dec.append(Upsample(chs[i + 1], chs[i], time=i in time_at, conv=conv))
+            dec += [ResBlock3d(chs[i], chs[i], conv) for _ in range(blocks)]
         dec += [_norm(chs[0]), nn.SiLU(), CausalConv3d(chs[0], video_channels)]
         self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
 
