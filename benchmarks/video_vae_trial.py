@@ -7,8 +7,8 @@ the reference network on ``decode(encode(x))`` of 200 held-out clips.
 
 ``RUN`` is any finished ``video/moving-digits-*`` run directory (its stream, reference network
 and cache are reused; ``selfflow train video/moving-digits-selfflow --set run.steps=1`` makes
-one); the options go on top of its recorded ``tokenizer_options``. One thread. Prints the fit's held-out PSNR line and the accuracies (docs/video.md,
-"Tried and not adopted").
+one); the options go on top of its recorded ``tokenizer_options``. One thread. Prints the fit's
+held-out PSNR line and the accuracies (docs/video.md, "Tried and not adopted").
 """
 
 from __future__ import annotations
