@@ -274,7 +274,7 @@ def alignment_encoder(
         parts = [cache.features(seg, targets) for seg in batch.segments if seg.generated]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    encode.cache = cache  # type: ignore[attr-defined]  # for tests and logs
+    encode.cache = cache  # type: ignore[attr-defined]  # hits and misses, read by the tests
     return encode, next(iter(dims.values()))
 
 
