@@ -57,12 +57,28 @@ from selfflow.plugins.video.vae_net import CONVS, TIME_DOWN, CausalVideoAutoenco
 
 FORMAT = 1  # bump when the network or the file layout changes: old caches stop matching
 NAME = "video/vae"
-_WEIGHTS = ("video_channels", "base_channels", "downsample", "latent_channels", "blocks", "mid_blocks", "conv")
+_WEIGHTS = (
+    "video_channels",
+    "base_channels",
+    "downsample",
+    "latent_channels",
+    "blocks",
+    "mid_blocks",
+    "conv",
+    "pixel_patch",
+)
 # fields that never change the weights (a resumed fit is identical to an uninterrupted one)
 _RUNTIME = {"checkpoint", "sample", "device", "progress", "fps", "patch", "partial_every", "log_every"}
 # weight fields added after FORMAT 1 with the value files that predate them were trained with:
 # left out of the key at these values (old caches still match) and assumed when a file lacks them
-_ADDED = {"loss": "mse", "conv": "3d", "foreground_weight": 0.0, "gradient_weight": 0.0, "crop_frames": None}
+_ADDED = {
+    "loss": "mse",
+    "conv": "3d",
+    "foreground_weight": 0.0,
+    "gradient_weight": 0.0,
+    "crop_frames": None,
+    "pixel_patch": 1,
+}
 _CACHE, _FILE, _PARTIAL = "video-vae", "weights.safetensors", "partial"
 
 
@@ -111,6 +127,7 @@ class VideoVAEConfig:
     blocks: int = attrs.field(default=1, validator=attrs.validators.ge(1))
     mid_blocks: int = attrs.field(default=2, validator=attrs.validators.ge(0))
     conv: str = attrs.field(default="3d", validator=attrs.validators.in_(CONVS))
+    pixel_patch: int = attrs.field(default=1, validator=attrs.validators.in_((1, 2, 4)))
     steps: int = attrs.field(default=400, validator=attrs.validators.ge(1))
     batch_size: int = attrs.field(default=8, validator=attrs.validators.ge(1))
     lr: float = attrs.field(default=2e-3, validator=attrs.validators.gt(0))
@@ -237,6 +254,7 @@ class VideoVAETokenizer:
             blocks=c.blocks,
             mid_blocks=c.mid_blocks,
             conv=c.conv,
+            pixel_patch=c.pixel_patch,
         )
 
     @classmethod

@@ -99,13 +99,15 @@ class ResBlock3d(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve H and W with a strided per-frame 3x3 conv; with ``time``, then map ``1 + 2m``
-    frames to ``1 + m``: frame 0 paired with itself, then pairs ``(2i - 1, 2i)``, each pair's
-    channels concatenated and mixed by a pointwise linear map."""
+    """Halve H and W with a strided per-frame 3x3 conv (``space``; otherwise a per-frame 3x3
+    conv at stride 1); with ``time``, then map ``1 + 2m`` frames to ``1 + m``: frame 0 paired
+    with itself, then pairs ``(2i - 1, 2i)``, each pair's channels concatenated and mixed by a
+    pointwise linear map."""
 
-    def __init__(self, cin: int, cout: int, *, time: bool) -> None:
+    def __init__(self, cin: int, cout: int, *, time: bool, space: bool = True) -> None:
         super().__init__()
-        self.conv = nn.Conv3d(cin, cout, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+        stride = (1, 2, 2) if space else (1, 1, 1)
+        self.conv = nn.Conv3d(cin, cout, (1, 3, 3), stride=stride, padding=(0, 1, 1))
         self.time = nn.Conv3d(2 * cout, cout, 1) if time else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -120,20 +122,43 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
     """The mirror of ``Downsample``: with ``time``, a pointwise map splits each frame into a
-    pair and the first output frame is dropped (``1 + m`` -> ``1 + 2m``); then nearest 2x in H
-    and W and a causal 3x3x3 conv."""
+    pair and the first output frame is dropped (``1 + m`` -> ``1 + 2m``); then (``space``)
+    nearest 2x in H and W, and a causal 3x3x3 conv."""
 
-    def __init__(self, cin: int, cout: int, *, time: bool, conv: str = "3d") -> None:
+    def __init__(self, cin: int, cout: int, *, time: bool, space: bool = True, conv: str = "3d") -> None:
         super().__init__()
         self.time = nn.Conv3d(cin, 2 * cin, 1) if time else None
+        self.space = space
         self.conv = _conv(cin, cout, conv)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.time is not None:
             b, c, t, h, w = x.shape
             x = self.time(x).reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)[:, :, 1:]
-        x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
+        if self.space:
+            x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
         return self.conv(x)
+
+
+def pixel_unshuffle(x: Tensor, p: int) -> Tensor:
+    """``(B, C, T, H, W)`` -> ``(B, C p p, T, H/p, W/p)``: every frame's ``p x p`` pixel blocks
+    folded into channels (LTX-Video's patchify), channel ``c p p + i p + j`` holding pixel
+    ``(i, j)`` of channel ``c``'s block; per frame, so it keeps the network causal."""
+    if p == 1:
+        return x
+    b, c, t, h, w = x.shape
+    x = x.reshape(b, c, t, h // p, p, w // p, p).permute(0, 1, 4, 6, 2, 3, 5)
+    return x.reshape(b, c * p * p, t, h // p, w // p)
+
+
+def pixel_shuffle(x: Tensor, p: int) -> Tensor:
+    """The inverse of ``pixel_unshuffle``."""
+    if p == 1:
+        return x
+    b, cpp, t, h, w = x.shape
+    c = cpp // (p * p)
+    x = x.reshape(b, c, p, p, t, h, w).permute(0, 1, 4, 5, 2, 6, 3)
+    return x.reshape(b, c, t, h * p, w * p)
 
 
 def level_widths(base_channels: int, downsample: int) -> list[int]:
@@ -142,14 +167,25 @@ def level_widths(base_channels: int, downsample: int) -> list[int]:
     return [base_channels * min(2**i, 4) for i in range(levels + 1)]
 
 
+def down_steps(downsample: int, pixel_patch: int = 1) -> list[tuple[bool, bool]]:
+    """``(space, time)`` of each down step: ``log2(f / p)`` spatial halvings (the patchify does
+    the rest) and the two time halvings on the last two steps; with fewer than two spatial
+    steps, time-only steps at the bottom make up the two."""
+    spatial = int(math.log2(downsample // pixel_patch))
+    n = max(spatial, _TIME_LEVELS)
+    return [(k < spatial, k >= n - _TIME_LEVELS) for k in range(n)]
+
+
 class CausalVideoAutoencoder(nn.Module):
     """Encoder to a diagonal Gaussian posterior ``(mean, logvar)``, each ``(B, L, 1 + k, H/f,
     W/f)``, and a decoder back to ``(B, C, 1 + 4k, H, W)`` (unclamped).
 
-    ``downsample`` f in {4, 8} spatially; time is always compressed 4x, on the last two of
-    the ``log2(f)`` levels; ``blocks`` resblocks per level, ``mid_blocks`` at the bottom;
-    ``conv`` the kernel of every 3x3 convolution inside (``"3d"`` or factorised ``"2+1d"``;
-    the stem and the output convolution stay ``3x3x3``).
+    ``downsample`` f in {4, 8} spatially; ``pixel_patch`` p folds p x p pixels into channels
+    before the first convolution (and the decoder unfolds them after the last), so the
+    convolutions start at ``H/p``; then ``log2(f/p)`` spatial down steps; time is always
+    compressed 4x, on the last two steps (``down_steps``); ``blocks`` resblocks per level,
+    ``mid_blocks`` at the bottom; ``conv`` the kernel of every 3x3 convolution inside
+    (``"3d"`` or factorised ``"2+1d"``; the stem and the output convolution stay ``3x3x3``).
     """
 
     def __init__(
@@ -162,31 +198,37 @@ class CausalVideoAutoencoder(nn.Module):
         blocks: int = 1,
         mid_blocks: int = 2,
         conv: str = "3d",
+        pixel_patch: int = 1,
     ) -> None:
         super().__init__()
-        chs = level_widths(base_channels, downsample)
-        levels = len(chs) - 1
-        time_at = set(range(levels - _TIME_LEVELS, levels))
-        enc: list[nn.Module] = [CausalConv3d(video_channels, chs[0])]
-        for i in range(levels):
-            enc += [ResBlock3d(chs[i], chs[i], conv) for _ in range(blocks)]
-            enc.append(Downsample(chs[i], chs[i + 1], time=i in time_at))
-        enc += [ResBlock3d(chs[-1], chs[-1], conv) for _ in range(mid_blocks)]
-        enc += [_norm(chs[-1]), nn.SiLU(), CausalConv3d(chs[-1], 2 * latent_channels)]
-        dec: list[nn.Module] = [CausalConv3d(latent_channels, chs[-1])]
-        dec += [ResBlock3d(chs[-1], chs[-1], conv) for _ in range(mid_blocks)]
-        for i in reversed(range(levels)):
-            dec.append(Upsample(chs[i + 1], chs[i], time=i in time_at, conv=conv))
-            dec += [ResBlock3d(chs[i], chs[i], conv) for _ in range(blocks)]
-        dec += [_norm(chs[0]), nn.SiLU(), CausalConv3d(chs[0], video_channels)]
+        if pixel_patch not in (1, 2, 4) or pixel_patch > downsample:
+            raise ValueError(f"video/vae pixel_patch must be 1, 2 or 4 and at most downsample, got {pixel_patch}")
+        self.pixel_patch = pixel_patch
+        steps = down_steps(downsample, pixel_patch)
+        chs = level_widths(base_channels, downsample // pixel_patch)
+        ch = [chs[min(k, len(chs) - 1)] for k in range(len(steps) + 1)]  # width after k steps
+        cin = video_channels * pixel_patch**2
+        enc: list[nn.Module] = [CausalConv3d(cin, ch[0])]
+        for k, (space, time) in enumerate(steps):
+            enc += [ResBlock3d(ch[k], ch[k], conv) for _ in range(blocks)]
+            enc.append(Downsample(ch[k], ch[k + 1], time=time, space=space))
+        enc += [ResBlock3d(ch[-1], ch[-1], conv) for _ in range(mid_blocks)]
+        enc += [_norm(ch[-1]), nn.SiLU(), CausalConv3d(ch[-1], 2 * latent_channels)]
+        dec: list[nn.Module] = [CausalConv3d(latent_channels, ch[-1])]
+        dec += [ResBlock3d(ch[-1], ch[-1], conv) for _ in range(mid_blocks)]
+        for k in reversed(range(len(steps))):
+            space, time = steps[k]
+            dec.append(Upsample(ch[k + 1], ch[k], time=time, space=space, conv=conv))
+            dec += [ResBlock3d(ch[k], ch[k], conv) for _ in range(blocks)]
+        dec += [_norm(ch[0]), nn.SiLU(), CausalConv3d(ch[0], cin)]
         self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        mean, logvar = self.encoder(pixel_unshuffle(x, self.pixel_patch)).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z: Tensor) -> Tensor:
-        return self.decoder(z)
+        return pixel_shuffle(self.decoder(z), self.pixel_patch)
 
 
 def latent_frames(frames: int) -> int:

@@ -18,7 +18,13 @@ from selfflow.core.types import time_ticks
 from selfflow.plugins.protocols import Example, Tokenizer
 from selfflow.plugins.video import vae as vae_mod
 from selfflow.plugins.video.vae import FitSource, VideoVAEConfig, VideoVAETokenizer, latent_grid
-from selfflow.plugins.video.vae_net import CausalVideoAutoencoder, FrameNorm
+from selfflow.plugins.video.vae_net import (
+    CausalVideoAutoencoder,
+    FrameNorm,
+    down_steps,
+    pixel_shuffle,
+    pixel_unshuffle,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -77,15 +83,23 @@ def _replace_after(x: torch.Tensor, frame: int, seed: int) -> torch.Tensor:
     return y
 
 
-@pytest.mark.parametrize("conv", ["3d", "2+1d"])
-@pytest.mark.parametrize("downsample", [4, 8])
-def test_encoder_and_decoder_are_exactly_causal(downsample: int, conv: str) -> None:
+@pytest.mark.parametrize(
+    ("downsample", "conv", "pixel_patch"),
+    [(4, "3d", 1), (8, "3d", 1), (4, "2+1d", 1), (8, "2+1d", 1), (4, "3d", 2), (4, "3d", 4), (8, "3d", 4)],
+)
+def test_encoder_and_decoder_are_exactly_causal(downsample: int, conv: str, pixel_patch: int) -> None:
     """Replacing the frames after chunk j leaves latent frames <= j, and decoded frames <= 4j,
     bit-identical (torch.equal), for every j, in float32, with the default architecture
-    (full and factorised kernels)."""
+    (full and factorised kernels, with and without the pixel patchify, including a network with
+    no spatial step left: ``pixel_patch = downsample = 4``)."""
     torch.manual_seed(0)
     net = CausalVideoAutoencoder(
-        video_channels=1, base_channels=16, downsample=downsample, latent_channels=8, conv=conv
+        video_channels=1,
+        base_channels=16,
+        downsample=downsample,
+        latent_channels=8,
+        conv=conv,
+        pixel_patch=pixel_patch,
     ).eval()
     x = torch.rand(2, 1, 17, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
@@ -103,6 +117,25 @@ def test_encoder_and_decoder_are_exactly_causal(downsample: int, conv: str) -> N
             zz = z.clone()
             zz[:, :, j + 1 :] = torch.randn(zz[:, :, j + 1 :].shape, generator=torch.Generator().manual_seed(9 + j))
             assert torch.equal(net.decode(zz)[:, :, : 4 * j + 1], recon[:, :, : 4 * j + 1])
+
+
+def test_the_pixel_patchify_is_an_exact_per_frame_regrouping() -> None:
+    """``pixel_unshuffle`` folds each frame's p x p blocks into channels (channel ``c p p + i p +
+    j`` is pixel ``(i, j)`` of the block) and ``pixel_shuffle`` inverts it exactly; the down
+    steps always halve time twice, spatially only what the patchify left."""
+    x = torch.randn(2, 3, 5, 8, 12)
+    for p in (1, 2, 4):
+        y = pixel_unshuffle(x, p)
+        assert y.shape == (2, 3 * p * p, 5, 8 // p, 12 // p)
+        assert torch.equal(pixel_shuffle(y, p), x)
+    y = pixel_unshuffle(x, 2)
+    assert torch.equal(y[:, 1 * 4 + 1 * 2 + 0, :, 2, 3], x[:, 1, :, 2 * 2 + 1, 2 * 3 + 0])
+    assert down_steps(4) == [(True, True), (True, True)]
+    assert down_steps(8) == [(True, False), (True, True), (True, True)]
+    assert down_steps(4, 2) == [(True, True), (False, True)]
+    assert down_steps(4, 4) == [(False, True), (False, True)]
+    with pytest.raises(ValueError, match="pixel_patch must be 1, 2 or 4"):
+        CausalVideoAutoencoder(video_channels=1, base_channels=8, downsample=4, latent_channels=4, pixel_patch=8)
 
 
 def test_a_groupnorm_over_time_would_break_causality(monkeypatch) -> None:
@@ -376,7 +409,13 @@ def test_a_file_that_predates_the_new_fields_loads_with_their_old_values(tmp_pat
         VideoVAETokenizer(attrs.evolve(TINY, conv="2+1d", checkpoint=str(legacy))).fit(Squares())
     # at the old values the new fields stay out of the key (old caches still match); any other value is a new fit
     assert VideoVAETokenizer(old).fit_key(Squares()) == VideoVAETokenizer(TINY).fit_key(Squares())
-    for changed in ({"conv": "2+1d"}, {"foreground_weight": 10.0}, {"gradient_weight": 1.0}, {"crop_frames": 5}):
+    for changed in (
+        {"conv": "2+1d"},
+        {"foreground_weight": 10.0},
+        {"gradient_weight": 1.0},
+        {"crop_frames": 5},
+        {"pixel_patch": 2},
+    ):
         assert VideoVAETokenizer(attrs.evolve(old, **changed)).fit_key(Squares()) != tiny_key(old)
 
 
@@ -401,3 +440,13 @@ def test_a_fit_on_random_windows_trains_on_1_plus_4k_frame_crops(monkeypatch) ->
     seen.clear()
     _fitted(attrs.evolve(TINY, crop_frames=9), data=data)
     assert seen == [9] * TINY.steps  # a window as long as the clip is the clip
+
+
+def test_a_patchified_network_fits_to_the_same_latent_grid(tiny: VideoVAETokenizer) -> None:
+    """``pixel_patch = 2`` changes the network, not the latents' shape or positions."""
+    tok = _fitted(attrs.evolve(TINY, pixel_patch=2))
+    assert tok.net.pixel_patch == 2 and tok.num_parameters != tiny.num_parameters
+    x = Squares()[0].media["video"][None]
+    a, b = tok.encode(x), tiny.encode(x)
+    assert a.tokens.shape == b.tokens.shape and torch.equal(a.positions, b.positions)
+    assert tok.decode(a).shape == x.shape
