@@ -160,3 +160,13 @@ def test_methods_benchmark_refuses_a_recipe_it_cannot_score(tmp_path):
         methods.main(["--recipe", str(tmp_path / "missing.toml")])
     with pytest.raises(SystemExit, match="the last evaluation must be at the last step"):
         methods.main(["--recipe", "debug", "--steps", "30", "--eval-at", "10", "20"])
+
+
+def test_video_vae_speed_times_every_variant_against_the_default(capsys):
+    from selfflow.benchmarks import video_vae_speed
+
+    video_vae_speed.main(["--repeats", "2", "--batch", "1", "--frames", "5", "--size", "16"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 + len(video_vae_speed.VARIANTS)
+    assert lines[1].split()[0] == "default" and lines[1].endswith("x1.00")
+    assert all("s/step" in line and "M parameters" in line for line in lines[1:])
