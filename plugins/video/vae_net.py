@@ -142,23 +142,15 @@ class Upsample(nn.Module):
 
 def pixel_unshuffle(x: Tensor, p: int) -> Tensor:
     """``(B, C, T, H, W)`` -> ``(B, C p p, T, H/p, W/p)``: every frame's ``p x p`` pixel blocks
-    folded into channels (LTX-Video's patchify), channel ``c p p + i p + j`` holding pixel
-    ``(i, j)`` of channel ``c``'s block; per frame, so it keeps the network causal."""
-    if p == 1:
-        return x
-    b, c, t, h, w = x.shape
-    x = x.reshape(b, c, t, h // p, p, w // p, p).permute(0, 1, 4, 6, 2, 3, 5)
-    return x.reshape(b, c * p * p, t, h // p, w // p)
+    folded into channels (LTX-Video's patchify) by ``F.pixel_unshuffle`` on each frame (channel
+    ``c p p + i p + j`` holds pixel ``(i, j)`` of channel ``c``'s block); per frame, so it keeps
+    the network causal."""
+    return x if p == 1 else F.pixel_unshuffle(x.transpose(1, 2), p).transpose(1, 2)
 
 
 def pixel_shuffle(x: Tensor, p: int) -> Tensor:
-    """The inverse of ``pixel_unshuffle``."""
-    if p == 1:
-        return x
-    b, cpp, t, h, w = x.shape
-    c = cpp // (p * p)
-    x = x.reshape(b, c, p, p, t, h, w).permute(0, 1, 4, 5, 2, 6, 3)
-    return x.reshape(b, c, t, h * p, w * p)
+    """The inverse of ``pixel_unshuffle`` (``F.pixel_shuffle`` on each frame)."""
+    return x if p == 1 else F.pixel_shuffle(x.transpose(1, 2), p).transpose(1, 2)
 
 
 def level_widths(base_channels: int, downsample: int) -> list[int]:
