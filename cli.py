@@ -8,7 +8,7 @@
     selfflow registry show NAME
     selfflow eval CHECKPOINT [--metric NAME ... --samples N --cfg S --sampler NAME --steps N
                               --real|--reconstructions --out DIR]
-    selfflow bench step|methods|image-methods|contention|video-data [...]
+    selfflow bench step|methods|image-methods|contention|video-data|video-vae-speed [...]
     selfflow checkpoint export CHECKPOINT --out DIR
 
 Errors print one line and a hint; ``--debug`` shows the traceback. Every argument is checked
@@ -425,6 +425,7 @@ BENCHMARKS = {  # selfflow bench NAME -> the module whose main(argv) runs it (be
     "image-methods": "selfflow.benchmarks.image_methods",
     "contention": "selfflow.benchmarks.contention",
     "video-data": "selfflow.benchmarks.video_data",
+    "video-vae-speed": "selfflow.benchmarks.video_vae_speed",
 }
 
 

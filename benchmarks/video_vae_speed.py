@@ -1,6 +1,6 @@
 """Training-step time of ``video/vae`` network variants, side by side in one process.
 
-    python -m selfflow.benchmarks.video_vae_speed [--repeats 4] [--batch 8] [--frames 17] [--size 32]
+    selfflow bench video-vae-speed [--repeats 4] [--batch 8] [--frames 17] [--size 32]
 
 One thread; each variant: AdamW steps of ``decode(encode(x)[0])`` + MSE on random clips
 (batch 8, 17 x 32 x 32 gray by default), the best of ``repeats - 1`` timed steps after one
@@ -26,7 +26,7 @@ VARIANTS = (
 )
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         best = min(times[1:])
         params = sum(p.numel() for p in net.parameters()) / 1e6
         print(f"  {options or 'default'!s:44s} {params:5.2f}M parameters  {best:5.2f} s/step  x{base / best:4.2f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

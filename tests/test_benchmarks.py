@@ -165,7 +165,7 @@ def test_methods_benchmark_refuses_a_recipe_it_cannot_score(tmp_path):
 def test_video_vae_speed_times_every_variant_against_the_default(capsys):
     from selfflow.benchmarks import video_vae_speed
 
-    video_vae_speed.main(["--repeats", "2", "--batch", "1", "--frames", "5", "--size", "16"])
+    assert video_vae_speed.main(["--repeats", "2", "--batch", "1", "--frames", "5", "--size", "16"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 + len(video_vae_speed.VARIANTS)
     assert lines[1].split()[0] == "default" and lines[1].endswith("x1.00")
