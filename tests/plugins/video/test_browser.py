@@ -77,15 +77,14 @@ def check_page(page, tmp_path) -> dict[str, dict]:
     cmd = [
         BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-        "--allow-file-access-from-files", "--autoplay-policy=no-user-gesture-required", "--virtual-time-budget=10000",
-        "--dump-dom", probe.resolve().as_uri(),
+        "--allow-file-access-from-files", "--autoplay-policy=no-user-gesture-required",
     ]  # fmt: skip
     try:
         # on loaded machines (the suite's other workers) the decoders may not finish inside the
         # virtual-time budget: the page is then still "pending"; try once more with 3x the budget
         for budget in (10000, 30000):
-            cmd[-3] = f"--virtual-time-budget={budget}"
-            dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+            argv = [*cmd, f"--virtual-time-budget={budget}", "--dump-dom", probe.resolve().as_uri()]
+            dom = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True).stdout
             found = re.search(r'<pre id="media-check">(.*?)</pre>', dom, re.S)
             if not found or found.group(1) != "pending":
                 break
