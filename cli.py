@@ -512,7 +512,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return COMMANDS[args.command](args)
+        rc = COMMANDS[args.command](args)
+        if rc == 0 and "torch.distributed" in sys.modules:  # under torchrun: all ranks done before any leaves
+            from selfflow.core import distributed
+
+            distributed.shutdown()
+        return rc
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

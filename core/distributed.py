@@ -24,6 +24,7 @@ With one process both are the plain model.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import warnings
 from typing import TypeVar
@@ -77,10 +78,24 @@ def init_distributed(device: str | None = None) -> tuple[Shard, torch.device]:
     return _SHARD, dev
 
 
-def shutdown() -> None:
+def shutdown(sync: bool = True) -> None:
+    """Leave the process group: wait for every rank (``sync``), then destroy it.
+
+    Call it when the work succeeded on this rank. The barrier keeps a rank that finished first
+    from tearing down its gloo connections (and exiting) while a peer still runs rank-0 I/O or
+    a last collective; a gloo rank torn down early can abort at exit ("terminate called
+    without an active exception"). After an error pass ``sync=False`` or do not call it:
+    a barrier, or even the destroy, can wait on a peer that is stuck in a collective
+    (torchrun stops the other ranks when one fails).
+    """
     global _SHARD
     if dist.is_available() and dist.is_initialized():
+        if sync and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
+        # free what still holds the backend (FSDP state, meshes) in module reference cycles now,
+        # while the interpreter is whole, not in its finalisation
+        gc.collect()
     _SHARD = Shard()
 
 

@@ -60,6 +60,18 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from selfflow.core import distributed
+
+    _, dev = distributed.init_distributed("cpu")
+    try:
+        _train_rank(rank, world, dev, out)
+    except BaseException:
+        distributed.shutdown(sync=False)
+        raise
+    distributed.shutdown()  # every rank waits for rank 0's files before any leaves the group
+
+
+def _train_rank(rank: int, world: int, dev: torch.device, out: str) -> None:
     from torch.distributed.tensor import DTensor
 
     from selfflow.core import distributed
@@ -69,38 +81,34 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     from selfflow.core.timesteps import DualTimestepScheduler
     from selfflow.core.train_step import TrainState, train_step
 
-    _, dev = distributed.init_distributed("cpu")
-    try:
-        torch.manual_seed(0)
-        model = FlowTransformer(ModelConfig(channels={"image": 5}, width=28, depth=3, heads=2, num_classes=3))
-        objective = SelfFlow.for_model(model, scheduler=DualTimestepScheduler(mask_ratio=0.25))
-        teacher = EMATeacher(model, EMAConfig(decay=0.5, warmup=False))
-        wrapped = distributed.wrap_model(model, dev, "fsdp")
-        if world > 1:
-            distributed.shard_teacher(teacher, dev)
-            assert distributed.shard_heads(objective, dev) == ["projector"]
-        opt = torch.optim.AdamW(list(model.parameters()) + list(objective.parameters()), lr=1e-3, foreach=True)
-        state = TrainState(model=wrapped, teacher=teacher, objective=objective, optimizer=opt, sharded=True)
-        gen = torch.Generator().manual_seed(1)
-        losses = []
-        for step in range(STEPS):
-            result = train_step(state, [_rows(_global_batch(step), rank, world)], generator=gen)
-            losses.append(result.global_loss)
-        teacher_params = list(teacher.model.parameters())
-        uneven = False
-        if world > 1:  # sharded all along, and still shards after the truncated forwards
-            assert all(isinstance(p, DTensor) for p in [*model.parameters(), *teacher_params])
-            assert all(isinstance(p, DTensor) for p in objective.parameters())
-            uneven = any(p.to_local().shape[0] * world != p.shape[0] for p in teacher_params)
-        tensors = {}
-        for part, module in (("model", model), ("teacher", teacher), ("objective", objective)):
-            for k, v in module.state_dict().items():
-                tensors[f"{part}.{k}"] = distributed.full_tensor(v).detach().clone()
-        if rank == 0:
-            save_file(tensors, str(Path(out) / f"world{world}.safetensors"))
-            (Path(out) / f"world{world}.json").write_text(json.dumps({"losses": losses, "uneven": uneven}))
-    finally:
-        distributed.shutdown()
+    torch.manual_seed(0)
+    model = FlowTransformer(ModelConfig(channels={"image": 5}, width=28, depth=3, heads=2, num_classes=3))
+    objective = SelfFlow.for_model(model, scheduler=DualTimestepScheduler(mask_ratio=0.25))
+    teacher = EMATeacher(model, EMAConfig(decay=0.5, warmup=False))
+    wrapped = distributed.wrap_model(model, dev, "fsdp")
+    if world > 1:
+        distributed.shard_teacher(teacher, dev)
+        assert distributed.shard_heads(objective, dev) == ["projector"]
+    opt = torch.optim.AdamW(list(model.parameters()) + list(objective.parameters()), lr=1e-3, foreach=True)
+    state = TrainState(model=wrapped, teacher=teacher, objective=objective, optimizer=opt, sharded=True)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for step in range(STEPS):
+        result = train_step(state, [_rows(_global_batch(step), rank, world)], generator=gen)
+        losses.append(result.global_loss)
+    teacher_params = list(teacher.model.parameters())
+    uneven = False
+    if world > 1:  # sharded all along, and still shards after the truncated forwards
+        assert all(isinstance(p, DTensor) for p in [*model.parameters(), *teacher_params])
+        assert all(isinstance(p, DTensor) for p in objective.parameters())
+        uneven = any(p.to_local().shape[0] * world != p.shape[0] for p in teacher_params)
+    tensors = {}
+    for part, module in (("model", model), ("teacher", teacher), ("objective", objective)):
+        for k, v in module.state_dict().items():
+            tensors[f"{part}.{k}"] = distributed.full_tensor(v).detach().clone()
+    if rank == 0:
+        save_file(tensors, str(Path(out) / f"world{world}.safetensors"))
+        (Path(out) / f"world{world}.json").write_text(json.dumps({"losses": losses, "uneven": uneven}))
 
 
 def _train(tmp_path: Path, world: int) -> tuple[dict[str, torch.Tensor], dict]:
@@ -132,3 +140,26 @@ def test_fsdp_equals_one_process(tmp_path, one_process, world):
     tensors = one_process[0]
     assert float(tensors["model.final.adaLN.1.weight"].abs().sum()) > 0
     assert not torch.equal(tensors["teacher.model.final.adaLN.1.weight"], tensors["model.final.adaLN.1.weight"])
+
+
+def _leave(rank: int, port: int, out: str) -> None:
+    """Rank 0 writes its file late; rank 1 notes whether the file was there when it left the group."""
+    import time
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from selfflow.core import distributed
+
+    distributed.init_distributed("cpu")
+    if rank == 0:
+        time.sleep(1.0)
+        (Path(out) / "rank0.done").write_text("")
+    distributed.shutdown()
+    assert not torch.distributed.is_initialized() and distributed.shard().world == 1
+    if rank == 1:
+        (Path(out) / "rank1.saw").write_text(str((Path(out) / "rank0.done").exists()))
+
+
+def test_shutdown_waits_for_every_rank(tmp_path):
+    mp.start_processes(_leave, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    assert (tmp_path / "rank1.saw").read_text() == "True"
